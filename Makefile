@@ -1,0 +1,37 @@
+# Two commands matter: `make demo` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO_DATA ?= data/demo
+DEMO_RUN  ?= checkpoints/demo
+
+.PHONY: demo test install install-dev lint clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/medclip-prep demo --output $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)
+	$(PY) train.py fit --config configs/demo_cpu.yaml
+	$(VENV)/bin/medclip-eval all --model $(DEMO_RUN)/last.ckpt --demo-data $(DEMO_DATA) \
+		--output $(DEMO_RUN)/eval --summary $(DEMO_RUN)/summary.json
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean-demo:
+	rm -rf $(DEMO_DATA) $(DEMO_RUN)
