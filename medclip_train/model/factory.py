@@ -1,0 +1,154 @@
+"""Build the CLIP model of a :class:`ModelConfig`: open_clip's ``CustomTextCLIP`` with a timm and an HF tower."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from open_clip.model import CustomTextCLIP
+from open_clip.tokenizer import HFTokenizer
+
+from medclip_train.config import ModelConfig
+from medclip_train.model.presets import get_preset, resolve_hf_name
+
+
+@dataclass
+class BuiltModel:
+    model: CustomTextCLIP
+    tokenizer: HFTokenizer
+    model_cfg: dict
+    """The open_clip model config the model was built from (``builtin:`` names kept, for export)."""
+    preprocess_cfg: dict
+
+
+def resolve_open_clip_cfg(cfg: ModelConfig) -> tuple[dict, dict]:
+    """The preset's open_clip ``model_cfg`` and ``preprocess_cfg`` with this config's overrides applied."""
+    preset = get_preset(cfg.preset)
+    model_cfg, preprocess_cfg = preset["model_cfg"], preset["preprocess_cfg"]
+    text_cfg, vision_cfg = model_cfg["text_cfg"], model_cfg["vision_cfg"]
+    if cfg.text_model:
+        text_cfg["hf_model_name"] = cfg.text_model
+    if cfg.tokenizer:
+        text_cfg["hf_tokenizer_name"] = cfg.tokenizer
+    if cfg.embed_dim:
+        model_cfg["embed_dim"] = cfg.embed_dim
+    if cfg.context_length:
+        text_cfg["context_length"] = cfg.context_length
+    vision_cfg["timm_model_pretrained"] = cfg.pretrained_image
+    text_cfg["hf_model_pretrained"] = cfg.pretrained_text
+    preprocess_cfg["size"] = vision_cfg["image_size"]
+    return model_cfg, preprocess_cfg
+
+
+def load_text_config(name: str, trust_remote_code: bool = False):
+    """The HF config of the text tower, with an actionable error when it cannot be found offline."""
+    from transformers import AutoConfig
+
+    path = resolve_hf_name(name)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(_missing_hf_message("model.text_model", name, "config.json")) from err
+
+
+def _missing_hf_message(field_name: str, name: str, filename: str) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return (
+        f"{field_name}={name!r}: could not load {filename!r}"
+        + (" (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else "")
+        + ". Download it once with `huggingface-cli download "
+        + f"{name}` on a machine with network, or point {field_name} at a local folder that holds {filename}."
+    )
+
+
+def validate_model_config(cfg: ModelConfig) -> tuple[dict, dict]:
+    """Cheap checks before any heavy work: tower names exist, context fits the text tower, tokenizer given."""
+    import timm
+
+    model_cfg, preprocess_cfg = resolve_open_clip_cfg(cfg)
+    timm_name = model_cfg["vision_cfg"]["timm_model_name"]
+    if not timm.is_model(timm_name):
+        raise ValueError(f"model vision_cfg.timm_model_name: unknown timm model {timm_name!r}")
+    text_cfg = model_cfg["text_cfg"]
+    hf_config = load_text_config(text_cfg["hf_model_name"], cfg.trust_remote_code)
+    max_positions = getattr(hf_config, "max_position_embeddings", None)
+    if max_positions is not None and text_cfg["context_length"] > max_positions:
+        raise ValueError(
+            f"model.context_length={text_cfg['context_length']} exceeds the text tower's maximum "
+            f"max_position_embeddings={max_positions} ({text_cfg['hf_model_name']})"
+        )
+    if not text_cfg.get("hf_tokenizer_name"):
+        raise ValueError(
+            f"model.tokenizer: preset {cfg.preset!r} has no tokenizer; set model.tokenizer to a HF tokenizer "
+            "name or folder (the demo data ships one in DATA/tokenizer)"
+        )
+    return model_cfg, preprocess_cfg
+
+
+def build_tokenizer(model_cfg: dict) -> HFTokenizer:
+    text_cfg = model_cfg["text_cfg"]
+    name = text_cfg["hf_tokenizer_name"]
+    try:
+        return HFTokenizer(resolve_hf_name(name), context_length=text_cfg["context_length"])
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(_missing_hf_message("model.tokenizer", name, "tokenizer files")) from err
+
+
+def build_model(cfg: ModelConfig) -> BuiltModel:
+    """Validate, build the towers through open_clip/timm/transformers, load weights, lock, and tokenizer."""
+    model_cfg, preprocess_cfg = validate_model_config(cfg)
+    build_cfg = {**model_cfg, "text_cfg": dict(model_cfg["text_cfg"])}
+    build_cfg["text_cfg"]["hf_model_name"] = resolve_hf_name(build_cfg["text_cfg"]["hf_model_name"])
+    try:
+        model = CustomTextCLIP(**build_cfg, output_dict=True)
+    except OSError as err:  # pretrained weights requested but not available offline
+        name = model_cfg["text_cfg"]["hf_model_name"]
+        raise FileNotFoundError(_missing_hf_message("model.text_model", name, "model weights")) from err
+    if cfg.init_from:
+        from medclip_train.model.loading import load_clip_weights
+
+        load_clip_weights(model, cfg.init_from)
+    apply_locks(model, cfg)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return BuiltModel(model, build_tokenizer(model_cfg), model_cfg, preprocess_cfg)
+
+
+def apply_locks(model: CustomTextCLIP, cfg: ModelConfig) -> None:
+    """LiT-style locking. Projections (image head, text proj) always stay trainable."""
+    if cfg.lock_image:
+        model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        lock_text_tower(model.text, cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
+
+
+def lock_text_tower(text, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+    """Freeze the HF transformer except its last ``unlocked_layers`` encoder layers (and the pooler).
+
+    Written here because open_clip 3.3's ``HFTextEncoder.lock`` looks up ``layer_attr`` in its arch table,
+    which has no entry for BERT, so unlocking the last N layers of PubMedBERT raises ``KeyError``.
+    """
+    transformer = text.transformer
+    encoder = getattr(transformer, "encoder", transformer)
+    layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"model.lock_text_unlocked_layers: cannot find the layer list of {type(transformer)}")
+    if unlocked_layers > len(layers):
+        raise ValueError(f"model.lock_text_unlocked_layers={unlocked_layers} > {len(layers)} layers in the tower")
+    unlocked = {id(p) for layer in list(layers)[len(layers) - unlocked_layers :] for p in layer.parameters()}
+    pooler = getattr(transformer, "pooler", None)
+    if pooler is not None and unlocked_layers > 0:
+        unlocked |= {id(p) for p in pooler.parameters()}
+    for name, param in transformer.named_parameters():
+        if id(param) in unlocked:
+            continue
+        is_norm = "LayerNorm" in name.split(".") or "layer_norm" in name
+        param.requires_grad = (not freeze_layer_norm) and is_norm
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
