@@ -1,0 +1,287 @@
+"""Training objectives: InfoNCE, MedCLIP's semantic matching, their weighted sum, and SigLIP. Plain torch.
+
+Every loss is called as ``loss(image_features, text_features, logit_scale, image_labels=None, text_labels=None)``
+with L2-normalised features and the *exponentiated* logit scale, exactly what an open_clip model returns in its
+output dict (``logit_scale = model.logit_scale.exp()``). ``logit_bias`` is accepted by all of them so that
+``loss(**model_output, image_labels=...)`` works; only SigLIP uses it (a scalar bias does not change a softmax).
+
+Distributed training: the softmax losses gather the features of all ranks *with* gradient and compute the rows of
+this rank's samples against the global batch (open_clip's ``local_loss=True, gather_with_grad=True``). With DDP
+averaging the gradients over ranks, that is exactly the gradient of the loss over the global batch (see
+``tests/test_losses_ddp.py``). Rank and world size are read from ``torch.distributed`` at every call, so one module
+serves single-process runs and Lightning's DDP strategy alike. All ranks must have the same local batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medclip_train.config import LossConfig
+from medclip_train.distributed import gather_no_grad, gather_with_grad, world_info
+
+
+@dataclass
+class GlobalLogits:
+    """This rank's rows of the global similarity matrix, shared by the softmax losses (one gather per step)."""
+
+    logits_per_image: torch.Tensor
+    """``(B, N)``: this rank's images against the texts of all ranks, ``N = world_size * B``."""
+    logits_per_text: torch.Tensor
+    """``(B, N)``: this rank's texts against the images of all ranks."""
+    offset: int
+    """Global index of this rank's first sample (``rank * B``): local row ``i`` is paired with column ``offset+i``."""
+
+
+def global_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> GlobalLogits:
+    """Scaled cosine similarities of the local samples against the features gathered (with grad) from all ranks."""
+    rank, _ = world_info()
+    all_image_features = gather_with_grad(image_features)  # (N, D), rank 0 first
+    all_text_features = gather_with_grad(text_features)  # (N, D)
+    logits_per_image = logit_scale * image_features @ all_text_features.T  # (B, N)
+    logits_per_text = logit_scale * text_features @ all_image_features.T  # (B, N)
+    return GlobalLogits(logits_per_image, logits_per_text, offset=rank * image_features.shape[0])
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP) with a learnable temperature, exact under DDP.
+
+    Equal to open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)`` with the rank and world size taken
+    from the process group at call time. Labels are accepted and ignored (one call signature for all losses).
+    """
+
+    def __init__(self):
+        super().__init__()
+        # The target of local row i is its global column offset + i: cached per (device, batch size, offset).
+        self._targets: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+    def targets(self, device: torch.device, batch_size: int, offset: int) -> torch.Tensor:
+        """``(B,)`` global column index of each local sample's pair."""
+        key = (device, batch_size, offset)
+        if key not in self._targets:
+            self._targets[key] = torch.arange(offset, offset + batch_size, device=device, dtype=torch.long)
+        return self._targets[key]
+
+    def from_logits(self, logits: GlobalLogits) -> torch.Tensor:
+        """The loss of already computed (and gathered) logits."""
+        batch_size = logits.logits_per_image.shape[0]
+        targets = self.targets(logits.logits_per_image.device, batch_size, logits.offset)
+        return (
+            F.cross_entropy(logits.logits_per_image, targets) + F.cross_entropy(logits.logits_per_text, targets)
+        ) / 2
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        image_labels: torch.Tensor | None = None,
+        text_labels: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar loss of ``(B, D)`` unit-norm features and the exponentiated scale."""
+        return self.from_logits(global_logits(image_features, text_features, logit_scale))
+
+
+class SemanticMatchingLoss(nn.Module):
+    """MedCLIP's semantic matching loss (Wang et al. 2022), made robust: soft targets from label vectors.
+
+    InfoNCE treats every other pair in the batch as a negative, even a study with exactly the same findings;
+    with few finding classes and large batches that is most of the batch. MedCLIP replaces the identity target by
+    the row-softmax of the label similarity ``image_labels @ text_labels.T`` and takes the cross-entropy against
+    the softmax of the logits, in both directions.
+
+    Where MedCLIP's form is weak, and what this class does instead:
+
+    * Raw dot products of multi-hot vectors grow with the number of findings, and a softmax at temperature 1 of
+      values in ``{0, 1}`` is nearly uniform over a large batch (the true pair gets ``e / (e + B - 1)``). Here the
+      label vectors are cosine-normalised and the softmax has a target temperature ``target_temperature``: towards
+      0, the target is uniform over the pairs with the most similar findings (one-hot labels: hard label matching;
+      distinct labels: exactly InfoNCE).
+    * The true pair is always a full positive (its similarity is set to 1, the cosine maximum), also when one side
+      of the pair lacks labels.
+    * A sample without labels (an all-zero row) gets the identity target (plain InfoNCE for that row) instead of a
+      uniform target; as a column it counts as a negative for labelled rows (similarity 0), as in InfoNCE.
+    * Label vectors are gathered across ranks like the features, so that the targets are those of the global
+      batch and the loss stays exact under DDP.
+
+    Label vectors are ``(B, C)``, any numeric dtype (multi-hot, or soft / uncertain values); if only one of
+    ``image_labels`` / ``text_labels`` is given it is used for both sides (one label vector per study).
+    """
+
+    def __init__(self, target_temperature: float = 0.1):
+        super().__init__()
+        if target_temperature <= 0:
+            raise ValueError(f"loss.sm_target_temperature must be > 0, got {target_temperature}")
+        self.target_temperature = target_temperature
+
+    def soft_targets(self, row_labels: torch.Tensor, column_labels: torch.Tensor, offset: int) -> torch.Tensor:
+        """``(B, N)`` target distribution of each local row over the global columns.
+
+        Args:
+            row_labels: ``(B, C)`` labels of this rank's samples (the rows).
+            column_labels: ``(N, C)`` labels of the global batch (the columns), rank 0 first.
+            offset: global index of this rank's first sample.
+        """
+        rows = F.normalize(row_labels.detach().float(), dim=1)  # all-zero rows stay zero
+        columns = F.normalize(column_labels.detach().float(), dim=1)
+        similarity = rows @ columns.T  # (B, N) cosine of the label vectors
+        local = torch.arange(rows.shape[0], device=rows.device)
+        pair = local + offset  # (B,) global column of each row's own pair
+        similarity[local, pair] = 1.0  # the true pair is always a full positive
+        targets = torch.softmax(similarity / self.target_temperature, dim=1)
+        identity = F.one_hot(pair, num_classes=columns.shape[0]).to(targets.dtype)
+        has_labels = (row_labels != 0).any(dim=1, keepdim=True)  # (B, 1)
+        return torch.where(has_labels, targets, identity)
+
+    def from_logits(
+        self, logits: GlobalLogits, image_labels: torch.Tensor | None, text_labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The loss of already computed (and gathered) logits."""
+        batch_size = logits.logits_per_image.shape[0]
+        image_labels, text_labels = _check_labels(image_labels, text_labels, batch_size)
+        all_image_labels = gather_no_grad(image_labels)  # (N, C)
+        all_text_labels = gather_no_grad(text_labels)  # (N, C)
+        image_to_text = self.soft_targets(image_labels, all_text_labels, logits.offset)
+        text_to_image = self.soft_targets(text_labels, all_image_labels, logits.offset)
+        return (
+            _soft_cross_entropy(logits.logits_per_image, image_to_text)
+            + _soft_cross_entropy(logits.logits_per_text, text_to_image)
+        ) / 2
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        image_labels: torch.Tensor | None = None,
+        text_labels: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar loss; at least one of ``image_labels`` / ``text_labels`` is required."""
+        logits = global_logits(image_features, text_features, logit_scale)
+        return self.from_logits(logits, image_labels, text_labels)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Probability targets; cast so that a bf16 run outside autocast does not mix dtypes.
+    return F.cross_entropy(logits, targets.to(logits.dtype))
+
+
+def _check_labels(
+    image_labels: torch.Tensor | None, text_labels: torch.Tensor | None, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if image_labels is None and text_labels is None:
+        raise ValueError(
+            "SemanticMatchingLoss needs image_labels and/or text_labels of shape (B, C); "
+            "give samples without labels an all-zero row"
+        )
+    image_labels = text_labels if image_labels is None else image_labels
+    text_labels = image_labels if text_labels is None else text_labels
+    for name, labels in (("image_labels", image_labels), ("text_labels", text_labels)):
+        if labels.ndim != 2 or labels.shape[0] != batch_size:
+            raise ValueError(f"{name} must have shape (B={batch_size}, C), got {tuple(labels.shape)}")
+    return image_labels, text_labels
+
+
+class CombinedLoss(nn.Module):
+    """``w_itc * InfoNCE + w_sm * SemanticMatching``, both from one feature gather.
+
+    A term with weight 0 is not computed (``w_sm=0`` needs no labels). With ``return_parts=True`` the call returns
+    ``(total, parts)`` where ``parts`` holds the unweighted, detached terms (``itc``, ``sm``) for logging.
+    """
+
+    def __init__(self, w_itc: float = 1.0, w_sm: float = 0.0, sm_target_temperature: float = 0.1):
+        super().__init__()
+        if w_itc < 0 or w_sm < 0 or w_itc + w_sm == 0:
+            raise ValueError(f"loss.w_itc and loss.w_sm must be >= 0 and not both 0, got {w_itc}, {w_sm}")
+        self.w_itc = w_itc
+        self.w_sm = w_sm
+        self.itc = ContrastiveLoss()
+        self.sm = SemanticMatchingLoss(sm_target_temperature)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        image_labels: torch.Tensor | None = None,
+        text_labels: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        return_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = global_logits(image_features, text_features, logit_scale)
+        terms = {}
+        if self.w_itc:
+            terms["itc"] = (self.w_itc, self.itc.from_logits(logits))
+        if self.w_sm:
+            terms["sm"] = (self.w_sm, self.sm.from_logits(logits, image_labels, text_labels))
+        total = sum(weight * value for weight, value in terms.values())
+        if return_parts:
+            return total, {name: value.detach() for name, (_, value) in terms.items()}
+        return total
+
+
+class SigLIPLoss(nn.Module):
+    """Sigmoid loss (Zhai et al. 2023), open_clip's ``SigLipLoss`` with rank and world size read at call time.
+
+    Needs the model's learnable ``logit_bias`` (open_clip models have one when built with ``init_logit_bias``,
+    -10 in the paper, and then return it in their output dict). Labels are accepted and ignored.
+    ``return_parts=True`` gives ``(total, {"itc": unweighted loss})``.
+    """
+
+    def __init__(self, weight: float = 1.0, dist_impl: str | None = None):
+        super().__init__()
+        from open_clip.loss import SigLipLoss
+
+        self.weight = weight
+        self.siglip = SigLipLoss(dist_impl=dist_impl)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        image_labels: torch.Tensor | None = None,
+        text_labels: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        return_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if logit_bias is None:
+            raise ValueError(
+                "SigLIPLoss needs logit_bias: build the model with a learnable bias (open_clip init_logit_bias, "
+                "e.g. -10) and pass the 'logit_bias' of its output dict"
+            )
+        self.siglip.rank, self.siglip.world_size = world_info()
+        loss = self.siglip(image_features, text_features, logit_scale, logit_bias)
+        total = self.weight * loss
+        return (total, {"itc": loss.detach()}) if return_parts else total
+
+
+def build_loss(cfg: LossConfig) -> nn.Module:
+    """The objective of a :class:`LossConfig`: :class:`CombinedLoss` (``kind="clip"``) or :class:`SigLIPLoss`.
+
+    For ``kind="siglip"`` the weight ``w_itc`` scales the sigmoid loss; semantic matching (a softmax objective)
+    cannot be added to it.
+    """
+    if cfg.kind == "siglip":
+        if cfg.w_sm:
+            raise ValueError("loss.w_sm: semantic matching is a softmax objective; use it with loss.kind='clip'")
+        if cfg.w_itc <= 0:
+            raise ValueError(f"loss.w_itc: the weight of the SigLIP loss must be > 0, got {cfg.w_itc}")
+        return SigLIPLoss(weight=cfg.w_itc)
+    return CombinedLoss(cfg.w_itc, cfg.w_sm, cfg.sm_target_temperature)
+
+
+__all__ = [
+    "CombinedLoss",
+    "ContrastiveLoss",
+    "GlobalLogits",
+    "SemanticMatchingLoss",
+    "SigLIPLoss",
+    "build_loss",
+    "global_logits",
+]
