@@ -1,0 +1,83 @@
+"""LightningCLI entry (``python train.py fit --config ...`` / ``medclip-train``): the run's configuration.
+
+Every run writes into ``trainer.default_root_dir`` (``checkpoints/<run>/``): the resolved ``config.yaml``,
+``metrics.csv``, step checkpoints and ``last.ckpt``, and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from medclip_train.callbacks import EvalCallback, RunSummary
+from medclip_train.data.datamodule import WebDataModule
+from medclip_train.module import CLIPModule
+
+
+class MedCLIPCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "step{step:07d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_train_steps": 500,
+            }
+        )
+        parser.add_lightning_class_args(EvalCallback, "eval")
+        parser.add_argument("--run_name", type=str | None, default=None, help="checkpoints/<run_name>/")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg["trainer"]
+        if cfg.get("run_name"):
+            trainer["default_root_dir"] = os.path.join("checkpoints", cfg["run_name"])
+        root = trainer.get("default_root_dir") or os.path.join("checkpoints", "run")
+        trainer["default_root_dir"] = root
+        if cfg["checkpoint"].get("dirpath") is None:
+            cfg["checkpoint"]["dirpath"] = root
+        if trainer.get("logger") in (None, True):
+            trainer["logger"] = [
+                {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": root, "name": "", "version": ""},
+                }
+            ]
+
+    def instantiate_trainer(self, **kwargs):
+        # checkpoint and eval callbacks are added by LightningCLI itself (add_lightning_class_args);
+        # RunSummary goes last so that it sees the final evaluation.
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(RunSummary())
+        return trainer
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> MedCLIPCLI:
+    return MedCLIPCLI(
+        CLIPModule,
+        WebDataModule,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def train_main() -> None:
+    """Console script ``medclip-train``: the same CLI as ``python train.py``."""
+    cli_main(sys.argv[1:])

@@ -1,0 +1,227 @@
+"""``WebDataModule``: multi-source WebDataset shards streamed into Lightning, exact or resampled epochs.
+
+Resume guarantee: the module's ``state_dict`` (saved in every Lightning checkpoint) holds the epoch and the
+number of batches this rank has consumed in it. Exact mode: a resumed run rebuilds the same epoch plan and each
+worker skips the raw samples it had already delivered (read, not decoded), so the stream continues at the exact
+sample where it stopped. Resampled mode: the remaining batches of the virtual epoch are drawn with a new random
+stream (the restart count enters the seed), so the samples already trained on are not replayed in the same order.
+"""
+
+from __future__ import annotations
+
+
+import lightning as L
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+from torch.utils.data import DataLoader
+
+from medclip_train.data.labels import LabelVocab
+from medclip_train.data.sources import ShardSource, check_local_shards_exist, read_label_counts, shard_sizes
+from medclip_train.data.stream import ShardStream, StreamSpec
+from medclip_train.distributed import world_info
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader that hands the epoch and the resume position to the workers each time it is iterated."""
+
+    def __init__(self, dataset: ShardStream, state: dict, train: bool, **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._state = state
+        self._train = train
+
+    def __iter__(self):
+        spec = self.dataset.spec
+        if self._train:
+            spec.epoch = self._state["epoch"]
+            spec.skip_batches = self._state["batches_in_epoch"]
+            spec.restarts = self._state["restarts"]
+        spec.world = world_info()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self.dataset.spec.world = world_info()
+        return len(self.dataset) - (self._state["batches_in_epoch"] if self._train else 0)
+
+
+class WebDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train: list[ShardSource] | str | None = None,
+        val: str | None = None,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        epoch_mode: str = "exact",
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        label_top_k: int = 0,
+        random_caption: bool = True,
+        train_scale: tuple[float, float] = (0.9, 1.0),
+        color_jitter: float | None = None,
+        max_skip_fraction: float = 0.05,
+        pin_memory: bool = True,
+        prefetch_factor: int = 4,
+    ):
+        """Args:
+            train: training sources, each a shard pattern with a mixing weight (a plain pattern string is one
+                source of weight 1).
+            val: shard pattern of the held-out set (validation loss and retrieval).
+            batch_size: per-rank batch size (with exact accumulation, the whole accumulated batch).
+            epoch_mode: ``exact`` (each sample once per epoch, counts from ``sizes.json``) or ``resampled``
+                (weighted shard sampling with replacement, virtual epochs of ``samples_per_epoch``).
+            label_top_k: size of the label/CUI vocabulary for the semantic matching loss (0: no labels).
+            train_scale: RandomResizedCrop scale range (BiomedCLIP/open_clip use (0.9, 1.0)).
+            max_skip_fraction: stop with an error naming the shard when more samples than this are bad.
+        """
+        super().__init__()
+        if epoch_mode not in ("exact", "resampled"):
+            raise ValueError(f"data.epoch_mode must be 'exact' or 'resampled', got {epoch_mode!r}")
+        if epoch_mode == "resampled" and not samples_per_epoch:
+            raise ValueError("data.samples_per_epoch is required with data.epoch_mode=resampled")
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        if isinstance(train, str):
+            train = [ShardSource(train)]
+        self.sources = [s if isinstance(s, ShardSource) else ShardSource(**s) for s in (train or [])]
+        self.val = val
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.epoch_mode = epoch_mode
+        self.samples_per_epoch = samples_per_epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.label_top_k = label_top_k
+        self.random_caption = random_caption
+        self.aug_cfg = AugmentationCfg(scale=tuple(train_scale), color_jitter=color_jitter)
+        self.max_skip_fraction = max_skip_fraction
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.tokenizer = None
+        self.preprocess_cfg: dict | None = None
+        self.vocab: LabelVocab | None = None
+        self.stream_state = {"epoch": 0, "batches_in_epoch": 0, "restarts": 0}
+        self._train_urls, self._train_sizes, self._source_of_shard = self._resolve_train()
+
+    # ---- set-up --------------------------------------------------------------------------------------------------
+    def _resolve_train(self):
+        urls, source_of_shard = [], []
+        for i, source in enumerate(self.sources):
+            source_urls = source.urls()
+            check_local_shards_exist(source_urls, f"data.train[{i}].shards")
+            urls += source_urls
+            source_of_shard += [i] * len(source_urls)
+        sizes = None
+        if urls and (self.epoch_mode == "exact" or all("://" not in u for u in urls)):
+            try:
+                sizes = shard_sizes(urls, "data.train")
+            except FileNotFoundError:
+                if self.epoch_mode == "exact":
+                    raise
+        if self.val:
+            from webdataset.shardlists import expand_urls
+
+            check_local_shards_exist(expand_urls(self.val), "data.val")
+        return urls, sizes, source_of_shard
+
+    def configure(self, tokenizer, preprocess_cfg: dict, vocab: LabelVocab | None = None) -> None:
+        """Give the data side what the model decides: tokenizer, image size, mean/std, label vocabulary."""
+        self.tokenizer = tokenizer
+        self.preprocess_cfg = dict(preprocess_cfg)
+        if vocab is not None:
+            self.vocab = vocab
+        elif self.label_top_k and self.vocab is None:
+            counts = read_label_counts(self._train_urls)
+            if not counts:
+                raise ValueError(
+                    "data.label_top_k > 0 but no manifest.json with label_counts next to the training shards"
+                )
+            self.vocab = LabelVocab.from_counts(counts, self.label_top_k)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if module is None or not hasattr(module, "tokenizer"):
+                raise RuntimeError("WebDataModule needs configure(tokenizer, preprocess_cfg) or a CLIP module")
+            module.configure_data(self)
+
+    # ---- loaders -------------------------------------------------------------------------------------------------
+    def _spec(self, urls, sizes, train: bool, batch_size: int) -> StreamSpec:
+        cfg = PreprocessCfg(**{k: v for k, v in self.preprocess_cfg.items() if k in PreprocessCfg.__annotations__})
+        transform = image_transform_v2(cfg, is_train=train, aug_cfg=self.aug_cfg if train else None)
+        size = cfg.size if isinstance(cfg.size, int) else max(cfg.size)
+        return StreamSpec(
+            urls=urls,
+            sizes=sizes,
+            source_of_shard=self._source_of_shard if train else [0] * len(urls),
+            source_weights=[s.weight for s in self.sources] if train else [1.0],
+            batch_size=batch_size,
+            transform=transform,
+            tokenizer=self.tokenizer,
+            image_size=size,
+            mode=self.epoch_mode if train else "exact",
+            samples_per_epoch=self.samples_per_epoch,
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            seed=self.seed,
+            vocab=self.vocab,
+            random_caption=self.random_caption and train,
+            max_skip_fraction=self.max_skip_fraction,
+            num_workers=self.num_workers,
+            pad_token_id=getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", 0) or 0,
+        )
+
+    def _loader(self, spec: StreamSpec, train: bool) -> StreamLoader:
+        kwargs = {"num_workers": self.num_workers, "pin_memory": self.pin_memory and _cuda()}
+        if self.num_workers > 0:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        return StreamLoader(ShardStream(spec), self.stream_state, train, **kwargs)
+
+    def train_dataloader(self) -> StreamLoader:
+        if not self._train_urls:
+            raise ValueError("data.train: no training shards configured")
+        return self._loader(self._spec(self._train_urls, self._train_sizes, True, self.batch_size), True)
+
+    def val_dataloader(self):
+        if not self.val:
+            return []
+        from webdataset.shardlists import expand_urls
+
+        urls = expand_urls(self.val)
+        spec = self._spec(urls, shard_sizes(urls, "data.val"), False, self.val_batch_size)
+        return self._loader(spec, False)
+
+    # ---- stream position -----------------------------------------------------------------------------------------
+    def on_train_batch_consumed(self) -> None:
+        self.stream_state["batches_in_epoch"] += 1
+
+    def on_train_epoch_done(self) -> None:
+        self.stream_state["epoch"] += 1
+        self.stream_state["batches_in_epoch"] = 0
+
+    def state_dict(self) -> dict:
+        state = dict(self.stream_state)
+        if self.vocab is not None:
+            state["vocab"] = list(self.vocab.labels)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream_state.update({k: state[k] for k in ("epoch", "batches_in_epoch", "restarts") if k in state})
+        self.stream_state["restarts"] += 1
+        if "vocab" in state:
+            saved = LabelVocab(tuple(state["vocab"]))
+            if self.vocab is not None and self.vocab != saved:
+                raise ValueError(
+                    f"data.label_top_k: the label vocabulary built from the manifests ({len(self.vocab)} labels) "
+                    f"does not match the checkpoint's ({len(saved)} labels); resume with the same data and top-K"
+                )
+            self.vocab = saved
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+__all__ = ["WebDataModule", "ShardSource", "StreamLoader"]

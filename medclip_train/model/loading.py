@@ -1,0 +1,150 @@
+"""Load CLIP models for evaluation and fine-tuning: project checkpoints, open_clip dirs, hub names.
+
+Anything from outside is read with ``torch.load(weights_only=True)`` or safetensors: no pickle code runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+IGNORED_KEYS = ("position_ids",)
+"""Buffers that older BERT checkpoints carry and newer transformers do not (or the reverse): not a mismatch."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    preprocess: object
+    """The eval transform (PIL image -> tensor)."""
+    name: str
+    model_cfg: dict | None = None
+    preprocess_cfg: dict | None = None
+
+
+def read_project_checkpoint(path: str | Path) -> dict:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+
+
+def load_project_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """A Lightning checkpoint of this project: rebuild the model from its saved config, load the weights."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from medclip_train.config import ModelConfig
+    from medclip_train.model.factory import build_model
+
+    ckpt = read_project_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters", {})
+    if "clip" not in hparams:
+        raise ValueError(f"{path}: no 'clip' model config in hyper_parameters; not a medclip-train checkpoint")
+    cfg = ModelConfig(**{**hparams["clip"], "init_from": None, "pretrained_image": False, "pretrained_text": False})
+    built = build_model(cfg)
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    report = load_state_dict_report(built.model, state)
+    if report["missing"]:
+        raise ValueError(f"{path}: checkpoint lacks weights {report['missing'][:5]}")
+    built.model.to(device).eval()
+    preprocess = image_transform_v2(PreprocessCfg(**built.preprocess_cfg), is_train=False)
+    return LoadedModel(built.model, built.tokenizer, preprocess, str(path), built.model_cfg, built.preprocess_cfg)
+
+
+def load_open_clip(source: str, pretrained: str | None = None, device: str = "cpu") -> LoadedModel:
+    """``local-dir:DIR``, ``hf-hub:org/repo`` or a built-in open_clip name (+ pretrained tag or file)."""
+    import open_clip
+
+    model, preprocess = open_clip.create_model_from_pretrained(
+        source, pretrained=pretrained, device=device, return_transform=True, weights_only=True
+    )
+    tokenizer = open_clip.get_tokenizer(source)
+    model.eval()
+    return LoadedModel(model, tokenizer, preprocess, source)
+
+
+def load_model(source: str, device: str = "cpu", pretrained: str | None = None) -> LoadedModel:
+    """Any model source of ``medclip-eval``: ``*.ckpt`` of this project, ``local-dir:``, ``hf-hub:``, open_clip name."""
+    if source.endswith(".ckpt"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"--model: checkpoint {source} does not exist")
+        return load_project_checkpoint(source, device)
+    if source.startswith("local-dir:") and not Path(source[len("local-dir:") :]).is_dir():
+        raise FileNotFoundError(f"--model: folder {source[len('local-dir:'):]} does not exist")
+    return load_open_clip(source, pretrained, device)
+
+
+def load_state_dict_report(model: torch.nn.Module, state: dict) -> dict:
+    """``load_state_dict(strict=False)`` with a report of loaded, missing and unexpected keys."""
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS) or k in own}
+    shape_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shape_mismatch:
+        raise ValueError(f"shape mismatch for {shape_mismatch[:5]}: the checkpoint is for another architecture")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(IGNORED_KEYS)]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith(IGNORED_KEYS)]
+    report = {"loaded": len(state) - len(result.unexpected_keys), "missing": missing, "unexpected": unexpected}
+    log.info("loaded %d tensors; missing %s; unexpected %s", report["loaded"], missing, unexpected)
+    return report
+
+
+def load_clip_weights(model: torch.nn.Module, source: str) -> dict:
+    """Initialise ``model`` from full CLIP weights (``model.init_from``); returns the key report.
+
+    ``local-dir:DIR`` reads ``DIR/open_clip_model.safetensors`` (or ``open_clip_pytorch_model.bin``),
+    ``hf-hub:org/repo`` the same files from the Hub (cache), ``*.ckpt`` a project checkpoint.
+    """
+    if source.endswith(".ckpt"):
+        ckpt = read_project_checkpoint(source)
+        state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    else:
+        state = _read_open_clip_weights(source)
+    report = load_state_dict_report(model, state)
+    if report["loaded"] == 0:
+        raise ValueError(f"model.init_from={source!r}: no weight matched this model's architecture")
+    print(
+        f"init_from {source}: loaded {report['loaded']} tensors, missing {len(report['missing'])}"
+        f"{' ' + str(report['missing'][:5]) if report['missing'] else ''}, unexpected {len(report['unexpected'])}"
+        f"{' ' + str(report['unexpected'][:5]) if report['unexpected'] else ''}"
+    )
+    return report
+
+
+def _read_open_clip_weights(source: str) -> dict:
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    if source.startswith("local-dir:"):
+        folder = Path(source[len("local-dir:") :])
+        path = _find_checkpoint_in_dir(folder) if folder.is_dir() else None
+        if path is None:
+            raise FileNotFoundError(f"model.init_from={source!r}: no open_clip weights file in {folder}")
+    elif source.startswith("hf-hub:"):
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        try:
+            path = download_pretrained_from_hf(source[len("hf-hub:") :])
+        except Exception as err:
+            raise FileNotFoundError(
+                f"model.init_from={source!r}: weights not found in the HF cache and not downloadable "
+                f"({type(err).__name__}). Download the repo once, or use local-dir:PATH"
+            ) from err
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.init_from={source!r}: no such file")
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state

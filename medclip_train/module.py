@@ -1,0 +1,240 @@
+"""``CLIPModule``: the one training loop (pretraining, fine-tuning and the demo are configs of it).
+
+Manual optimisation, because a contrastive loss needs two things automatic optimisation cannot give:
+
+* exact accumulation: a batch of k x B is contrasted as a whole. Features of all k micro-batches are computed
+  without grad, the loss and its gradient w.r.t. the features are taken over the full batch, then each micro-batch
+  is re-forwarded with grad and back-propagated with its slice of that gradient (GradCache, as open_clip's
+  ``accum_freq``). Lightning's ``accumulate_grad_batches`` would contrast each micro-batch only with itself.
+* a real skip of non-finite steps: the gradients are dropped before AdamW sees them (its state is untouched),
+  the skip is counted, and after ``max_consecutive_skips`` the run stops with advice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+
+from medclip_train.config import LossConfig, ModelConfig, OptimConfig
+from medclip_train.losses import build_loss
+from medclip_train.model.factory import build_model
+from medclip_train.optim import build_optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class CLIPModule(L.LightningModule):
+    def __init__(
+        self,
+        clip: ModelConfig | None = None,
+        loss: LossConfig | None = None,
+        optim: OptimConfig | None = None,
+        accumulation_steps: int = 1,
+        grad_clip_norm: float = 1.0,
+        max_consecutive_skips: int = 10,
+    ):
+        """Args:
+            clip: the CLIP model (preset, towers, weights, locking).
+            loss: the objective (InfoNCE, semantic matching weight, SigLIP).
+            optim: AdamW and schedule.
+            accumulation_steps: exact contrastive accumulation: the data batch is split into this many
+                micro-batches for memory, and the update equals one step on the whole batch.
+            grad_clip_norm: clip the global gradient norm (0 disables).
+            max_consecutive_skips: stop after this many consecutive non-finite steps.
+        """
+        super().__init__()
+        clip, loss, optim = clip or ModelConfig(), loss or LossConfig(), optim or OptimConfig()
+        if accumulation_steps < 1:
+            raise ValueError(f"model.accumulation_steps must be >= 1, got {accumulation_steps}")
+        self.automatic_optimization = False
+        # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "clip": asdict(clip),
+                "loss": asdict(loss),
+                "optim": asdict(optim),
+                "accumulation_steps": accumulation_steps,
+                "grad_clip_norm": grad_clip_norm,
+                "max_consecutive_skips": max_consecutive_skips,
+            }
+        )
+        self.clip_cfg, self.loss_cfg, self.optim_cfg = clip, loss, optim
+        built = build_model(clip)
+        self.model = built.model
+        self.tokenizer = built.tokenizer
+        self.model_cfg = built.model_cfg
+        self.preprocess_cfg = built.preprocess_cfg
+        self.loss = build_loss(loss)
+        self.accumulation_steps = accumulation_steps
+        self.grad_clip_norm = grad_clip_norm
+        self.max_consecutive_skips = max_consecutive_skips
+        self.label_vocab = None
+        self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long), persistent=True)
+        self._consecutive_skips = 0
+
+    # ---- data side -------------------------------------------------------------------------------------------------
+    def configure_data(self, datamodule) -> None:
+        datamodule.configure(self.tokenizer, self.preprocess_cfg)
+        self.label_vocab = datamodule.vocab
+        if self.loss_cfg.w_sm > 0 and self.label_vocab is None:
+            raise ValueError("loss.w_sm > 0 needs label vectors: set data.label_top_k > 0")
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(image, text)
+
+    # ---- training ----------------------------------------------------------------------------------------------------
+    def _loss(self, out: dict, labels: torch.Tensor | None):
+        return self.loss(
+            out["image_features"],
+            out["text_features"],
+            out["logit_scale"],
+            image_labels=labels,
+            text_labels=labels,
+            **({"logit_bias": out["logit_bias"]} if "logit_bias" in out else {}),
+            return_parts=True,
+        )
+
+    def _forward_backward(self, batch: dict):
+        images, text, labels = batch["image"], batch["text"], batch.get("labels")
+        k = min(self.accumulation_steps, images.shape[0])
+        if k == 1:
+            loss, parts = self._loss(self.model(images, text), labels)
+            self.manual_backward(loss)
+            return loss.detach(), parts
+        return self._grad_cache_backward(images, text, labels, k)
+
+    def _grad_cache_backward(self, images, text, labels, k: int):
+        image_chunks, text_chunks = images.chunk(k), text.chunk(k)
+        rng_states, feats = [], []
+        with torch.no_grad():
+            for ic, tc in zip(image_chunks, text_chunks):
+                rng_states.append(_rng_state(ic.device))
+                feats.append(self.model(ic, tc))
+        cached = {
+            key: torch.cat([f[key] for f in feats]).requires_grad_()
+            for key in ("image_features", "text_features")
+        }
+        cached["logit_scale"] = feats[0]["logit_scale"].detach().requires_grad_()
+        if "logit_bias" in feats[0]:
+            cached["logit_bias"] = feats[0]["logit_bias"].detach().requires_grad_()
+        with torch.enable_grad():
+            loss, parts = self._loss(cached, labels)
+        leaves = list(cached.values())
+        grads = dict(zip(cached.keys(), torch.autograd.grad(loss, leaves)))
+        offset = 0
+        no_sync = getattr(self.trainer.model, "no_sync", None) if self._trainer is not None else None
+        for i, (ic, tc) in enumerate(zip(image_chunks, text_chunks)):
+            _set_rng_state(rng_states[i], ic.device)  # same dropout masks as the cached forward
+            out = self.model(ic, tc)
+            rows = slice(offset, offset + ic.shape[0])
+            offset += ic.shape[0]
+            surrogate = (out["image_features"] * grads["image_features"][rows]).sum()
+            surrogate = surrogate + (out["text_features"] * grads["text_features"][rows]).sum()
+            # The scale's gradient is split evenly so that every micro-batch touches every parameter (DDP).
+            surrogate = surrogate + out["logit_scale"].sum() * grads["logit_scale"].sum() / k
+            if "logit_bias" in out:
+                surrogate = surrogate + out["logit_bias"].sum() * grads["logit_bias"].sum() / k
+            last = i == k - 1
+            ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+            with ctx:
+                self.manual_backward(surrogate)
+        return loss.detach(), parts
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "on_train_batch_consumed"):
+            datamodule.on_train_batch_consumed()
+        opt = self.optimizers()
+        result = {}
+
+        def closure():
+            result["loss"], result["parts"] = self._forward_backward(batch)
+            return result["loss"]
+
+        opt.step(closure=closure)  # the gradient check and clipping run in on_before_optimizer_step
+        opt.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(self.optim_cfg.max_logit_scale))
+        self._log_step(batch, result["loss"], result["parts"])
+        return result["loss"]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.grad_clip_norm if self.grad_clip_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        self._last_grad_norm = grad_norm.detach()
+        if torch.isfinite(grad_norm):  # one host sync per step: the price of a real skip
+            self._consecutive_skips = 0
+            return
+        for p in params:  # AdamW skips parameters without grad: state and weights stay untouched
+            p.grad = None
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"{self._consecutive_skips} consecutive steps had a non-finite loss or gradient (step "
+                f"{self.global_step}). Try: trainer.precision=bf16-mixed instead of 16-mixed, a lower "
+                "model.optim.lr or longer warmup_steps, model.grad_clip_norm=1.0, and check the data for bad samples."
+            )
+
+    def _log_step(self, batch: dict, loss: torch.Tensor, parts: dict) -> None:
+        n = batch["image"].shape[0] * self.trainer.world_size
+        self.samples_seen += n
+        if "skipped" in batch:
+            self.skipped_samples += batch["skipped"].to(self.skipped_samples.device).sum()
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in parts.items():
+            self.log(f"train/loss_{name}", value)
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp())
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("train/skipped_samples", self.skipped_samples.float())
+        self.log("train/skipped_steps", self.skipped_steps.float())
+        if hasattr(self, "_last_grad_norm"):
+            self.log("train/grad_norm", self._last_grad_norm)
+
+    def on_train_epoch_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "on_train_epoch_done"):
+            datamodule.on_train_epoch_done()
+
+    # ---- validation ----------------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["image"], batch["text"])
+        loss, _ = self._loss(out, batch.get("labels"))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    # ---- optimiser -----------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        on_cuda = self.device.type == "cuda" or torch.cuda.is_available() and self.trainer.num_devices > 0
+        precision = str(self.trainer.precision)
+        cfg = self.optim_cfg
+        if cfg.fused is None and ("16-mixed" == precision or not on_cuda):
+            cfg = OptimConfig(**{**asdict(cfg), "fused": False})
+        optimizer, scheduler = build_optimizer(self.model, cfg, total, on_cuda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _rng_state(device: torch.device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
