@@ -57,8 +57,9 @@ def _missing_hf_message(field_name: str, name: str, filename: str) -> str:
     return (
         f"{field_name}={name!r}: could not load {filename!r}"
         + (" (HF_HUB_OFFLINE=1 and it is not in the local cache)" if offline else "")
-        + ". Download it once with `huggingface-cli download "
-        + f"{name}` on a machine with network, or point {field_name} at a local folder that holds {filename}."
+        # `hf` is the CLI of huggingface_hub >= 1.0, which no longer ships `huggingface-cli`.
+        + f". Download it once on a machine with network (`hf download {name} --local-dir DIR`) and point "
+        + f"{field_name} at DIR, or at any local folder that holds {filename}."
     )
 
 
