@@ -2,8 +2,8 @@
 
 Resume guarantee: the module's ``state_dict`` (saved in every Lightning checkpoint) holds the epoch and the
 number of batches this rank has consumed in it. Exact mode: a resumed run rebuilds the same epoch plan and each
-worker skips the raw samples it had already delivered (read, not decoded), so the stream continues at the exact
-sample where it stopped. Resampled mode: the remaining batches of the virtual epoch are drawn with a new random
+worker skips the raw samples it had already delivered (read, not decoded), so the rest of the epoch is exactly the
+batches not yet trained on, sample for sample (the DataLoader may interleave its workers' batches in another order). Resampled mode: the remaining batches of the virtual epoch are drawn with a new random
 stream (the restart count enters the seed), so the samples already trained on are not replayed in the same order.
 """
 
@@ -27,6 +27,8 @@ class StreamLoader(DataLoader):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._state = state
         self._train = train
+        self.world: tuple[int, int] | None = None
+        """(rank, world size); default: from torch.distributed. Tests set it to play one rank of many."""
 
     def __iter__(self):
         spec = self.dataset.spec
@@ -34,11 +36,11 @@ class StreamLoader(DataLoader):
             spec.epoch = self._state["epoch"]
             spec.skip_batches = self._state["batches_in_epoch"]
             spec.restarts = self._state["restarts"]
-        spec.world = world_info()
+        spec.world = self.world or world_info()
         return super().__iter__()
 
     def __len__(self) -> int:
-        self.dataset.spec.world = world_info()
+        self.dataset.spec.world = self.world or world_info()
         return len(self.dataset) - (self._state["batches_in_epoch"] if self._train else 0)
 
 

@@ -8,8 +8,9 @@ Kept free of I/O so the guarantees can be tested directly:
   W - 1 samples are seen twice and every rank runs the same number of batches (no DDP hang). Inside a rank
   the range is cut into whole batches, and each loader worker takes a contiguous run of batches; only the very
   last batch of the rank may be short, and it is equally short on every rank.
-* resampled: shards are drawn with replacement, a shard's probability proportional to its source weight times
-  its share of the source's samples, so a source's expected share of samples is its weight over the sum.
+* resampled: shards are drawn with replacement; a shard of source j is drawn with probability proportional to
+  w_j / T_j (T_j: samples in source j). A draw yields the whole shard, so the expected share of samples from
+  source j is w_j / sum(w), and inside a source every sample is equally likely.
 """
 
 from __future__ import annotations
@@ -135,6 +136,5 @@ def shard_weights(source_of_shard: list[int], sizes: list[int] | None, source_we
     for src, m in zip(source_of_shard, shard_mass):
         source_mass[src] += m
     total_weight = sum(source_weights)
-    return [
-        source_weights[src] / total_weight * m / source_mass[src] for src, m in zip(source_of_shard, shard_mass)
-    ]
+    # p_s = w_j / T_j: a shard's sample mass is p_s * size_s, so source j's mass is w_j (see module docstring).
+    return [source_weights[src] / total_weight / source_mass[src] for src in source_of_shard]

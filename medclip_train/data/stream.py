@@ -121,7 +121,10 @@ class _SampleReader:
     def __init__(self, spec: StreamSpec, worker_id: int):
         self.s = spec
         rank, _ = spec.world
-        self.rng = random.Random(hash((spec.seed, spec.epoch, rank, worker_id, spec.restarts)))
+        # Exact mode replays its epoch plan after a resume, so its shuffle must not depend on the restart count;
+        # resampled mode must draw a new stream after a resume, so there it does.
+        restarts = spec.restarts if spec.mode == "resampled" else 0
+        self.rng = random.Random(hash((spec.seed, spec.epoch, rank, worker_id, restarts)))
         self.worker_id = worker_id
         self.read = 0
         self.skipped = 0
@@ -219,7 +222,7 @@ class _SampleReader:
             return None
         self.read += 1
         labels = self.s.vocab.encode(sample_labels(meta)) if self.s.vocab is not None else None
-        return image, caption, labels
+        return image, caption, labels, sample.get("__key__", "")
 
     def batches(self, raw: Iterator, n_batches: int) -> Iterator[dict]:
         """``n_batches`` batches; the last may be short where the plan says so (equally on every rank)."""
@@ -253,7 +256,12 @@ class _SampleReader:
             # Trailing pads are masked out in the text tower, so cutting them is exact and saves compute.
             lengths = (text != self.s.pad_token_id).sum(dim=1)
             text = text[:, : max(int(lengths.max()), 1)]
-        batch = {"image": images, "text": text, "skipped": torch.tensor(self.skipped_since_batch)}
+        batch = {
+            "image": images,
+            "text": text,
+            "key": [it[3] for it in items],
+            "skipped": torch.tensor(self.skipped_since_batch),
+        }
         self.skipped_since_batch = 0
         if items[0][2] is not None:
             batch["labels"] = torch.stack([it[2] for it in items])

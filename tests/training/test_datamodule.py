@@ -1,0 +1,169 @@
+"""The streaming pipeline: exact epochs over ranks x workers, resampled weights, bad samples, resume."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from medclip_train.data.datamodule import WebDataModule
+from medclip_train.data.plan import consumed_per_worker
+from medclip_train.data.sources import ShardSource
+from medclip_train.data.stream import DataError
+from medclip_train.model.factory import build_tokenizer, resolve_open_clip_cfg
+from medclip_train.config import ModelConfig
+from tests.shardkit import make_shards, shard_pattern
+
+PREPROCESS = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+              "resize_mode": "shortest"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    model_cfg, _ = resolve_open_clip_cfg(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
+    return build_tokenizer(model_cfg)
+
+
+def make_dm(tokenizer, train, **kwargs) -> WebDataModule:
+    dm = WebDataModule(train=train, **{"batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, **kwargs})
+    dm.configure(tokenizer, PREPROCESS)
+    return dm
+
+
+def keys_of(loader) -> list[list[str]]:
+    return [batch["key"] for batch in loader]
+
+
+@pytest.mark.parametrize("total_shards", [[7, 3, 11, 5], [8, 8]])
+def test_exact_epoch_two_ranks_two_workers_sees_every_key_once(tmp_path, tokenizer, total_shards):
+    paths = make_shards(tmp_path, total_shards)
+    n = sum(total_shards)
+    dm = make_dm(tokenizer, shard_pattern(paths), num_workers=2)
+    per_rank, shapes = [], []
+    for rank in range(2):
+        loader = dm.train_dataloader()
+        loader.world = (rank, 2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        per_rank.append([k for b in batches for k in b["key"]])
+        shapes.append([len(b["key"]) for b in batches])
+    assert shapes[0] == shapes[1], "every rank must run the same batches (DDP would hang otherwise)"
+    seen = collections.Counter(per_rank[0] + per_rank[1])
+    assert set(seen) == {f"train_{i:06d}" for i in range(n)}
+    # DistributedSampler-style padding: only when 2 does not divide N, and then one sample twice.
+    assert sum(seen.values()) - n == (n % 2 and 2 - n % 2)
+    assert not set(per_rank[0]) & set(per_rank[1]) or n % 2
+
+
+def test_exact_epochs_reshuffle_with_agreed_seed(tmp_path, tokenizer):
+    paths = make_shards(tmp_path, [6, 6, 6, 6])
+    dm = make_dm(tokenizer, shard_pattern(paths))
+    first = keys_of(dm.train_dataloader())
+    dm.on_train_epoch_done()
+    second = keys_of(dm.train_dataloader())
+    assert sorted(sum(first, [])) == sorted(sum(second, []))
+    assert first != second
+    again = make_dm(tokenizer, shard_pattern(paths))
+    assert keys_of(again.train_dataloader()) == first, "same seed and epoch -> same order on every rank"
+
+
+def test_resampled_mode_follows_source_weights(tmp_path, tokenizer):
+    a = make_shards(tmp_path / "a", [10, 10], seed=1, key_prefix="a")
+    b = make_shards(tmp_path / "b", [20], seed=2, key_prefix="b")
+    dm = make_dm(
+        tokenizer,
+        [ShardSource(shard_pattern(a), weight=1.0, name="a"), ShardSource(shard_pattern(b), weight=3.0, name="b")],
+        epoch_mode="resampled", samples_per_epoch=800, batch_size=8, shuffle_buffer=0,
+    )
+    loader = dm.train_dataloader()
+    keys = [k for batch in loader for k in batch["key"]]
+    assert len(keys) == 800 and len(loader) == 100
+    from_b = sum(k.startswith("b_") for k in keys)
+    # Expected 3 / (1 + 3) = 0.75; 40 shard draws of 20 samples, so allow a few draws of noise.
+    assert 0.6 < from_b / len(keys) < 0.9
+
+
+def test_bad_samples_are_skipped_counted_and_batches_keep_their_shape(tmp_path, tokenizer):
+    faults = {1: "bad_jpeg", 5: "garbage", 9: "empty_caption", 13: "non_utf8", 17: "no_text"}
+    paths = make_shards(tmp_path, [12, 12], corrupt=faults)
+    dm = make_dm(tokenizer, shard_pattern(paths), max_skip_fraction=0.5)
+    batches = list(dm.train_dataloader())
+    assert [len(b["key"]) for b in batches] == [4] * 6
+    assert sum(int(b["skipped"]) for b in batches) == len(faults)
+    bad = {f"train_{i:06d}" for i in faults}
+    assert not bad & {k for b in batches for k in b["key"]}
+
+
+def test_truncated_shard_is_counted_and_training_goes_on(tmp_path, tokenizer):
+    paths = make_shards(tmp_path, [12, 12])
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 2])  # cut the tar in the middle of a member
+    dm = make_dm(tokenizer, shard_pattern(paths), max_skip_fraction=0.9, shuffle_buffer=0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 6 and all(len(b["key"]) == 4 for b in batches)
+    # half of the second shard is gone: about six of its twelve samples are lost and counted
+    assert 4 <= sum(int(b["skipped"]) for b in batches) <= 7
+
+
+def test_too_many_bad_samples_stop_with_the_shard_named(tmp_path, tokenizer):
+    paths = make_shards(tmp_path, [30], corrupt={i: "garbage" for i in range(0, 30, 2)})
+    dm = make_dm(tokenizer, shard_pattern(paths), max_skip_fraction=0.1, shuffle_buffer=0)
+    dm.train_dataloader().dataset.spec.min_samples_for_skip_check = 10
+    loader = dm.train_dataloader()
+    loader.dataset.spec.min_samples_for_skip_check = 10
+    with pytest.raises(DataError, match="train-000000.tar"):
+        list(loader)
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_resume_continues_the_stream(tmp_path, tokenizer, mode):
+    paths = make_shards(tmp_path, [9, 9, 9, 9])
+    kwargs = {"num_workers": 2, "epoch_mode": mode}
+    if mode == "resampled":
+        kwargs["samples_per_epoch"] = 40
+    dm = make_dm(tokenizer, shard_pattern(paths), **kwargs)
+    full = keys_of(dm.train_dataloader())
+    consumed = 3
+    for _ in range(consumed):
+        dm.on_train_batch_consumed()
+    state = dm.state_dict()
+
+    resumed = make_dm(tokenizer, shard_pattern(paths), **kwargs)
+    resumed.load_state_dict(state)
+    rest = keys_of(resumed.train_dataloader())
+    assert len(full) - consumed == len(rest)
+    if mode == "exact":
+        # The same remaining batches, sample for sample; the new DataLoader may start its round-robin over the
+        # workers at another worker, so the order of whole batches can differ.
+        assert sorted(rest) == sorted(full[consumed:])
+    else:
+        assert rest != full[consumed:], "resampled mode draws fresh samples instead of replaying"
+
+
+def test_consumed_per_worker_follows_dataloader_round_robin():
+    assert consumed_per_worker([2, 3], 5) == [2, 3]
+    assert consumed_per_worker([2, 3], 3) == [2, 1]
+    assert consumed_per_worker([1, 3], 3) == [1, 2]
+
+
+def test_missing_sizes_json_in_exact_mode_names_the_file(tmp_path):
+    paths = make_shards(tmp_path, [4])
+    (tmp_path / "sizes.json").unlink()
+    with pytest.raises(FileNotFoundError, match="sizes.json"):
+        WebDataModule(train=shard_pattern(paths))
+
+
+def test_missing_shard_is_named(tmp_path):
+    make_shards(tmp_path, [4])
+    with pytest.raises(FileNotFoundError, match="train-000001.tar"):
+        WebDataModule(train=str(tmp_path / "train-{000000..000001}.tar"))
+
+
+def test_labels_vocabulary_from_manifest(tmp_path, tokenizer):
+    paths = make_shards(tmp_path, [16])
+    dm = make_dm(tokenizer, shard_pattern(paths), label_top_k=3)
+    assert len(dm.vocab) == 3
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["labels"].shape == (4, 3)
+    assert torch.all(batch["labels"].sum(dim=1) >= 1)
