@@ -1,0 +1,293 @@
+"""``medclip-eval zeroshot|retrieval|linear-probe|all``: load a model, evaluate, write JSON/CSV, print a table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medclip_train.evaluation.datasets import open_classification, open_retrieval
+from medclip_train.evaluation.errors import EvalInputError
+from medclip_train.evaluation.features import Encoder, FeatureCache
+from medclip_train.evaluation.linear_probe import evaluate_linear_probe
+from medclip_train.evaluation.metrics import scalar_metrics
+from medclip_train.evaluation.report import (
+    long_rows,
+    markdown_table,
+    safe_name,
+    write_classification_details,
+    write_csv,
+    write_json,
+)
+from medclip_train.evaluation.retrieval import evaluate_retrieval
+from medclip_train.evaluation.suite import flat_retrieval_metrics, flat_zeroshot_metrics
+from medclip_train.evaluation.zeroshot import evaluate_zeroshot
+
+CLASSIFICATION_COLUMNS = ["task", "n", "num_classes", "top1", "top5", "balanced_acc", "macro_f1", "auroc", "mAP"]
+RETRIEVAL_COLUMNS = ["split", "direction", "R@1", "R@5", "R@10", "mean_rank", "median_rank"]
+
+
+def load_for_eval(source: str, pretrained: str | None, device: str):
+    """``model.loading.load_model`` (imported here: it is heavy and the CLI's ``--help`` should not need it)."""
+    from medclip_train.model.loading import load_model
+
+    kwargs = {"pretrained": pretrained} if pretrained else {}
+    return load_model(source, device=device, **kwargs)
+
+
+def make_encoder(args) -> tuple[Encoder, str]:
+    loaded = load_for_eval(args.model, args.pretrained, args.device)
+    encoder = Encoder(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.preprocess,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cache=FeatureCache(args.cache_dir) if args.cache_dir else None,
+        progress=not args.no_progress,
+    )
+    return encoder, getattr(loaded, "name", args.model)
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+
+
+def run_zeroshot(args) -> int:
+    encoder, model_name = make_encoder(args)
+    datasets = [open_classification(d, args.prompts, args.label_prefix, args.split) for d in args.data]
+    results = {}
+    for data in datasets:
+        results[data.name] = evaluate_zeroshot(encoder, data, max_samples=args.max_samples)
+        write_classification_details(args.output, f"zeroshot_{safe_name(data.name)}", results[data.name])
+    write_json(Path(args.output) / "zeroshot.json", {"command": "zeroshot", "model": model_name, "tasks": results})
+    rows = [row for task, r in results.items() for row in long_rows(scalar_metrics(r), task=task)]
+    write_csv(Path(args.output) / "zeroshot.csv", rows)
+    print(markdown_table([{"task": t, **r} for t, r in results.items()], CLASSIFICATION_COLUMNS))
+    return 0
+
+
+def run_retrieval(args) -> int:
+    encoder, model_name = make_encoder(args)
+    result = evaluate_retrieval(
+        encoder,
+        open_retrieval(args.data, args.split),
+        max_samples=args.max_samples,
+        chunk_size=args.chunk_size,
+        subset=args.subset,
+        subset_seed=args.subset_seed,
+        min_words=args.min_words,
+    )
+    write_json(Path(args.output) / "retrieval.json", {"command": "retrieval", "model": model_name, **result})
+    splits = {"full": result["full"], f"subset{args.subset}": result["subset"]}
+    splits = {name: metrics for name, metrics in splits.items() if metrics}
+    write_csv(
+        Path(args.output) / "retrieval.csv",
+        [row for name, m in splits.items() for row in long_rows(m, split=name)],
+    )
+    print(markdown_table(retrieval_rows(splits), RETRIEVAL_COLUMNS))
+    return 0
+
+
+def retrieval_rows(splits: dict[str, dict]) -> list[dict]:
+    return [
+        {"split": name, "direction": d, **{k: m[f"{d}_{k}"] for k in RETRIEVAL_COLUMNS[2:]}}
+        for name, m in splits.items()
+        for d in ("i2t", "t2i")
+    ]
+
+
+def run_linear_probe(args) -> int:
+    encoder, model_name = make_encoder(args)
+    splits = {"train": args.train, "val": args.val, "test": args.test}
+    opened = {
+        name: open_classification(spec, label_prefix=args.label_prefix, split=args.split or name, with_prompts=False)
+        for name, spec in splits.items()
+        if spec
+    }
+    encoded = {
+        name: encoder.images(data.source, args.max_samples, desc=f"{name} images") for name, data in opened.items()
+    }
+    classes = probe_classes(opened, encoded)
+    arrays = {name: probe_arrays(opened[name], encoded[name], classes) for name in opened}
+    result = evaluate_linear_probe(
+        arrays["train"],
+        arrays["test"],
+        arrays.get("val"),
+        classnames=classes,
+        k_shot=args.k_shot,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
+    task = opened["test"].name
+    write_classification_details(args.output, f"linear_probe_{safe_name(task)}", result)
+    write_json(Path(args.output) / "linear_probe.json", {"command": "linear-probe", "model": model_name, task: result})
+    columns = ["task", "n_train", "n_val", "n", "C", "top1", "top5", "balanced_acc", "macro_f1", "auroc"]
+    extra = {"C": result["C"], "n_train": result["n_train"], "n_val": result["n_val"]}
+    write_csv(Path(args.output) / "linear_probe.csv", long_rows({**extra, **scalar_metrics(result)}, task=task))
+    print(markdown_table([{"task": task, **result}], columns))
+    return 0
+
+
+def probe_classes(opened: dict, encoded: dict) -> list[str]:
+    """One class list for all splits: the folders (must agree), or the sorted union of shard labels."""
+    folder_classes = {name: data.classes for name, data in opened.items() if data.classes is not None}
+    if folder_classes:
+        first = next(iter(folder_classes.values()))
+        for name, classes in folder_classes.items():
+            if classes != first:
+                raise EvalInputError(f"--{name}: classes {classes} differ from the other splits' {first}")
+        return list(first)
+    return sorted({c for name, data in opened.items() for c in data.targets(encoded[name].metas).classes})
+
+
+def probe_arrays(data, encoded, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    data.classes = classes  # shards: map every split's labels onto the same class list
+    labelled = data.targets(encoded.metas)
+    if labelled.multilabel:
+        raise EvalInputError(f"{data.name}: the linear probe supports single-label data only")
+    return encoded.features[torch.as_tensor(labelled.indices)].numpy(), labelled.targets
+
+
+def run_all(args) -> int:
+    tasks, shards = all_inputs(args)
+    encoder, model_name = make_encoder(args)
+    zeroshot, flat = {}, {}
+    for task in tasks:
+        data = open_classification(task)
+        zeroshot[data.name] = evaluate_zeroshot(encoder, data, max_samples=args.max_samples)
+        write_classification_details(args.output, f"zeroshot_{safe_name(data.name)}", zeroshot[data.name])
+        flat.update(flat_zeroshot_metrics(data.name, zeroshot[data.name]))
+    retrieval = None
+    if shards:
+        retrieval = evaluate_retrieval(
+            encoder, open_retrieval(shards), max_samples=args.max_samples, chunk_size=args.chunk_size
+        )
+        flat.update(flat_retrieval_metrics(retrieval["full"]))
+    samples_per_s = merge_into_summary(args.summary, flat) if args.summary else None
+    results = {"command": "all", "model": model_name, "metrics": flat, "zeroshot": zeroshot, "retrieval": retrieval}
+    write_json(Path(args.output) / "results.json", results)
+    write_csv(Path(args.output) / "results.csv", long_rows(flat))
+    print(markdown_table(all_table_rows(zeroshot, retrieval, samples_per_s), ["metric", "value"]))
+    return 0
+
+
+def all_inputs(args) -> tuple[list[str], str | None]:
+    """Zero-shot task folders and the retrieval shard pattern, from ``--demo-data`` or the explicit flags."""
+    if args.demo_data:
+        root = Path(args.demo_data)
+        if not root.is_dir():
+            raise EvalInputError(f"--demo-data {root}: folder not found")
+        tasks = sorted(str(p) for p in (root / "zeroshot").glob("*") if p.is_dir())
+        shards = str(root / "test-*.tar") if any(root.glob("test-*.tar")) else None
+        if not tasks and not shards:
+            raise EvalInputError(f"--demo-data {root}: neither zeroshot/<task>/ folders nor test-*.tar shards")
+        return tasks, shards
+    if not args.zeroshot_task and not args.retrieval_shards:
+        raise EvalInputError("all: give --demo-data DIR, or --zeroshot-task DIR (repeatable) / --retrieval-shards")
+    return list(args.zeroshot_task or []), args.retrieval_shards
+
+
+def merge_into_summary(path: str, metrics: dict[str, float]) -> float | None:
+    """Write ``metrics`` under ``"eval"`` of the training summary JSON; return its ``steady_samples_per_s``."""
+    path = Path(path)
+    summary = {}
+    if path.is_file():
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise EvalInputError(f"--summary {path}: not valid JSON ({err})") from err
+    summary["eval"] = metrics
+    write_json(path, summary)
+    return summary.get("steady_samples_per_s")
+
+
+def all_table_rows(zeroshot: dict, retrieval: dict | None, samples_per_s: float | None) -> list[dict]:
+    rows = []
+    for task, result in zeroshot.items():
+        main_metric = ("mAP", "mAP") if result.get("multilabel") else ("top1", "top-1")
+        rows.append({"metric": f"zero-shot {task} {main_metric[1]}", "value": result[main_metric[0]]})
+        if "balanced_acc" in result:
+            rows.append({"metric": f"zero-shot {task} balanced acc", "value": result["balanced_acc"]})
+    if retrieval:
+        for direction in ("i2t", "t2i"):
+            for k in (1, 5, 10):
+                rows.append(
+                    {"metric": f"retrieval {direction} R@{k}", "value": retrieval["full"][f"{direction}_R@{k}"]}
+                )
+    if samples_per_s is not None:
+        rows.append({"metric": "training samples/s", "value": float(samples_per_s)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="*.ckpt, local-dir:DIR, hf-hub:org/repo or an open_clip name")
+    common.add_argument("--pretrained", help="open_clip pretrained tag, for open_clip built-in model names")
+    common.add_argument("--output", default="eval_results", help="folder for JSON, CSV and PNG (default: %(default)s)")
+    common.add_argument("--batch-size", type=int, default=64)
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--workers", type=int, default=0, help="data loader processes")
+    common.add_argument("--cache-dir", help="feature cache: repeated evaluations of a model on data skip encoding")
+    common.add_argument("--max-samples", type=int, help="encode at most this many images per dataset")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    parser = argparse.ArgumentParser(prog="medclip-eval", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    zs = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")
+    zs.add_argument("--data", action="append", required=True, help="image folder, CLIP_benchmark folder, or shards")
+    zs.add_argument("--prompts", help="prompt file (JSON/YAML) or shipped set name (configs/prompts/)")
+    zs.add_argument("--label-prefix", help="project shards: .json label prefix naming the class (modality:)")
+    zs.add_argument("--split", default="test", help="CLIP_benchmark split folder (default: %(default)s)")
+    zs.set_defaults(run=run_zeroshot)
+
+    rt = commands.add_parser("retrieval", parents=[common], help="image-text retrieval")
+    rt.add_argument("--data", required=True, help="project shard pattern or CLIP_benchmark retrieval folder")
+    rt.add_argument("--split", default="test")
+    rt.add_argument("--chunk-size", type=int, help="queries scored at once (default: 128 MiB of scores)")
+    rt.add_argument("--subset", type=int, help="also evaluate a deterministic subset of this many pairs (ROCO: 2000)")
+    rt.add_argument("--subset-seed", type=int, default=42)
+    rt.add_argument("--min-words", type=int, default=3, help="subset: captions of at least this many words")
+    rt.set_defaults(run=run_retrieval)
+
+    lp = commands.add_parser("linear-probe", parents=[common], help="logistic regression on frozen features")
+    lp.add_argument("--train", required=True)
+    lp.add_argument("--val", help="default: a stratified --val-fraction of --train")
+    lp.add_argument("--test", required=True)
+    lp.add_argument("--label-prefix")
+    lp.add_argument("--split", help="CLIP_benchmark folders: split to read (default: train/val/test per flag)")
+    lp.add_argument("--k-shot", type=int, help="k training samples per class")
+    lp.add_argument("--val-fraction", type=float, default=0.2)
+    lp.add_argument("--seed", type=int, default=0)
+    lp.set_defaults(run=run_linear_probe)
+
+    al = commands.add_parser("all", parents=[common], help="zero-shot tasks and retrieval, one table")
+    al.add_argument("--demo-data", help="DIR with zeroshot/<task>/ folders and test-*.tar shards")
+    al.add_argument("--zeroshot-task", action="append", help="task folder (repeatable), without --demo-data")
+    al.add_argument("--retrieval-shards", help="shard pattern, without --demo-data")
+    al.add_argument("--chunk-size", type=int)
+    al.add_argument("--summary", help="training summary JSON: read steady_samples_per_s, write metrics under 'eval'")
+    al.set_defaults(run=run_all)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (EvalInputError, FileNotFoundError) as err:
+        # Bad input is the user's to fix: one line naming the file or field, no traceback.
+        print(f"medclip-eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Encode images and texts with a frozen CLIP model, with an on-disk feature cache keyed by model and data.
+
+The cache key hashes the model weights (or a given model id), the data fingerprint (file names, sizes, mtimes),
+and the preprocessing or tokenizer settings, so a repeated evaluation of the same model on the same data never
+re-encodes, and any change to one of them does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from medclip_train.evaluation.datasets import collate
+
+CACHE_VERSION = 1
+"""Bumped when what is stored changes, so old cache files are not read back."""
+
+
+@dataclass
+class EncodedImages:
+    features: torch.Tensor
+    """(N, D) L2-normalised float32 image features, on CPU."""
+    keys: list[str]
+    metas: list
+    """Per sample: class index, multi-hot list, or ``{"labels": [...], "captions": [...]}``."""
+
+
+class FeatureCache:
+    """Tensors and lists saved with ``torch.save`` under ``root``, one file per key."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(**parts) -> str:
+        blob = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / f"{kind}-{key[:40]}.pt"
+
+    def load(self, kind: str, key: str) -> dict | None:
+        path = self.path(kind, key)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a truncated file from an interrupted run: recompute rather than fail
+            return None
+
+    def save(self, kind: str, key: str, value: dict) -> None:
+        path = self.path(kind, key)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(value, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def transform_fingerprint(transform) -> str:
+    # repr of a torchvision Compose names every step and its sizes/mean/std; function addresses change per process.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Class, context length and the ids of a probe sentence: changes whenever tokenisation would."""
+    probe = tokenizer(["Probe: a chest x-ray, 3 cm nodule; CT/MRI."])
+    ids = probe.tolist() if hasattr(probe, "tolist") else probe
+    return json.dumps([type(tokenizer).__name__, getattr(tokenizer, "context_length", None), ids])
+
+
+@dataclass
+class Encoder:
+    """A frozen CLIP model with its tokenizer and eval transform, and how to run it.
+
+    ``model_id`` replaces the weight hash in cache keys when given (hashing a large model takes seconds).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    preprocess: object
+    device: str | torch.device = "cpu"
+    batch_size: int = 64
+    workers: int = 0
+    cache: FeatureCache | None = None
+    progress: bool = False
+    model_id: str | None = None
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        if self.model_id:
+            return self.model_id
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def images(self, source, max_samples: int | None = None, desc: str = "images") -> EncodedImages:
+        """Encode every image of ``source`` (first ``max_samples`` only if given), from the cache when possible."""
+        key = None
+        if self.cache is not None:
+            key = FeatureCache.key(
+                model=self.fingerprint,
+                data=source.fingerprint(),
+                preprocess=transform_fingerprint(self.preprocess),
+                max_samples=max_samples,
+            )
+            hit = self.cache.load("images", key)
+            if hit is not None:
+                return EncodedImages(hit["features"], hit["keys"], hit["metas"])
+        encoded = self._encode_images(source, max_samples, desc)
+        if key is not None:
+            self.cache.save("images", key, {"features": encoded.features, "keys": encoded.keys, "metas": encoded.metas})
+        return encoded
+
+    @torch.no_grad()
+    def _encode_images(self, source, max_samples: int | None, desc: str) -> EncodedImages:
+        loader = DataLoader(
+            source.torch_dataset(self.preprocess),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            collate_fn=collate,
+            pin_memory=str(self.device).startswith("cuda"),
+        )
+        total = len(source) if hasattr(source, "__len__") else None
+        if total is not None and max_samples is not None:
+            total = min(total, max_samples)
+        features, keys, metas = [], [], []
+        self.model.eval()
+        with tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
+            for images, batch_keys, batch_metas in loader:
+                if max_samples is not None:
+                    room = max_samples - len(keys)
+                    images, batch_keys, batch_metas = images[:room], batch_keys[:room], batch_metas[:room]
+                out = self.model.encode_image(images.to(self.device, non_blocking=True), normalize=True)
+                features.append(out.float().cpu())
+                keys += batch_keys
+                metas += batch_metas
+                bar.update(len(batch_keys))
+                if max_samples is not None and len(keys) >= max_samples:
+                    break
+        dim = features[0].shape[1] if features else 0
+        return EncodedImages(torch.cat(features) if features else torch.empty(0, dim), keys, metas)
+
+    def texts(self, texts: list[str], desc: str = "texts") -> torch.Tensor:
+        """(N, D) L2-normalised float32 text features, from the cache when possible."""
+        key = None
+        if self.cache is not None:
+            text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+            key = FeatureCache.key(
+                model=self.fingerprint, texts=text_hash, tokenizer=tokenizer_fingerprint(self.tokenizer)
+            )
+            hit = self.cache.load("texts", key)
+            if hit is not None:
+                return hit["features"]
+        features = self._encode_texts(texts, desc)
+        if key is not None:
+            self.cache.save("texts", key, {"features": features})
+        return features
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str], desc: str) -> torch.Tensor:
+        self.model.eval()
+        out = []
+        for start in tqdm(
+            range(0, len(texts), self.batch_size), desc=desc, unit="batch", disable=not self.progress, leave=False
+        ):
+            tokens = self.tokenizer(texts[start : start + self.batch_size]).to(self.device)
+            out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, 0)
