@@ -30,6 +30,10 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
     grad_checkpointing: bool = False
+    init_logit_scale: float | None = None
+    """Initial ln(scale); default ln(1/0.07) (CLIP). SigLIP uses ln(10)."""
+    init_logit_bias: float | None = None
+    """Initial logit bias; needed by loss.kind=siglip (SigLIP uses -10)."""
     trust_remote_code: bool = False
     """Passed to Hugging Face loaders; off unless a config says so."""
 

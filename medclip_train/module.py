@@ -70,6 +70,8 @@ class CLIPModule(L.LightningModule):
         self.tokenizer = built.tokenizer
         self.model_cfg = built.model_cfg
         self.preprocess_cfg = built.preprocess_cfg
+        if loss.kind == "siglip" and self.model.logit_bias is None:
+            raise ValueError("loss.kind=siglip needs a logit bias: set model.clip.init_logit_bias (SigLIP: -10.0)")
         self.loss = build_loss(loss)
         self.accumulation_steps = accumulation_steps
         self.grad_clip_norm = grad_clip_norm
@@ -84,7 +86,7 @@ class CLIPModule(L.LightningModule):
     def configure_data(self, datamodule) -> None:
         datamodule.configure(self.tokenizer, self.preprocess_cfg)
         self.label_vocab = datamodule.vocab
-        if self.loss_cfg.w_sm > 0 and self.label_vocab is None:
+        if self.loss_cfg.w_sm > 0 and self.loss_cfg.kind == "clip" and self.label_vocab is None:
             raise ValueError("loss.w_sm > 0 needs label vectors: set data.label_top_k > 0")
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:

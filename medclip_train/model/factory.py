@@ -38,6 +38,10 @@ def resolve_open_clip_cfg(cfg: ModelConfig) -> tuple[dict, dict]:
     vision_cfg["timm_model_pretrained"] = cfg.pretrained_image
     text_cfg["hf_model_pretrained"] = cfg.pretrained_text
     preprocess_cfg["size"] = vision_cfg["image_size"]
+    if cfg.init_logit_scale is not None:
+        model_cfg["init_logit_scale"] = cfg.init_logit_scale
+    if cfg.init_logit_bias is not None:
+        model_cfg["init_logit_bias"] = cfg.init_logit_bias
     return model_cfg, preprocess_cfg
 
 
@@ -99,6 +103,7 @@ def build_tokenizer(model_cfg: dict) -> HFTokenizer:
 def build_model(cfg: ModelConfig) -> BuiltModel:
     """Validate, build the towers through open_clip/timm/transformers, load weights, lock, and tokenizer."""
     model_cfg, preprocess_cfg = validate_model_config(cfg)
+    tokenizer = build_tokenizer(model_cfg)  # before the towers: a missing tokenizer should fail fast
     build_cfg = {**model_cfg, "text_cfg": dict(model_cfg["text_cfg"])}
     build_cfg["text_cfg"]["hf_model_name"] = resolve_hf_name(build_cfg["text_cfg"]["hf_model_name"])
     try:
@@ -113,7 +118,7 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
     apply_locks(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    return BuiltModel(model, build_tokenizer(model_cfg), model_cfg, preprocess_cfg)
+    return BuiltModel(model, tokenizer, model_cfg, preprocess_cfg)
 
 
 def apply_locks(model: CustomTextCLIP, cfg: ModelConfig) -> None:
