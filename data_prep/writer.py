@@ -1,0 +1,458 @@
+"""The writer shared by all converters: shards, rejections, ``sizes.json`` and ``manifest.json``.
+
+Output folder layout (what open_clip's ``--train-data 'OUT/train-{000000..000003}.tar'`` reads unchanged)::
+
+    OUT/{split}-{NNNNNN}.tar   samples: {key}.jpg|png, {key}.txt (caption), {key}.json (metadata)
+    OUT/sizes.json             shard basename -> sample count
+    OUT/manifest.json          counts per split/source, rejections per reason, label_counts, converter options
+    OUT/rejected.jsonl         one line per rejected input record
+
+Every file is written under a ``.tmp`` name and renamed into place when complete, and ``sizes.json`` then
+``manifest.json`` come last: a folder without ``manifest.json`` is an interrupted conversion.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tarfile
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tqdm import tqdm
+
+from data_prep.images import EncodedImage, ImageFailure, ImagePolicy, process_image
+from data_prep.records import PrepError, Reason, Record, Rejection, clean_caption, reject, sample_key, short_hash
+
+FORMAT_VERSION = 1
+SPLIT_ORDER = ("train", "val", "test")
+# Fixed member mtime: the same input gives byte-identical shards.
+_MTIME = 0
+# Names this tool writes into an output folder; --overwrite removes exactly these, nothing else.
+_OUR_GLOBS = ("*.tar", "*.tar.tmp", "sizes.json", "manifest.json", "rejected.jsonl", "*.json.tmp", "*.jsonl.tmp")
+_OUR_FOLDERS = ("zeroshot", "tokenizer")
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Options common to every converter (the shared command-line flags).
+
+    Attributes:
+        samples_per_shard: samples per tar before a new shard is started.
+        max_image_side: longest image side after resizing, keeping aspect; never upscales; ``None`` keeps sizes.
+        jpeg_quality: quality of re-encoded JPEGs (source JPEGs that need no resize keep their bytes).
+        workers: processes decoding/encoding images; output order does not depend on it.
+        dedupe: reject images whose decoded pixels equal an earlier sample's.
+        min_caption_words: reject captions with fewer whitespace-separated words.
+        seed: seed for shuffling and for hashed splits.
+        shuffle: shuffle records (within each split) before writing, so shards mix the release's order.
+        overwrite: replace an earlier conversion in the output folder instead of refusing.
+        quiet: no progress bar.
+    """
+
+    samples_per_shard: int = 5000
+    max_image_side: int | None = None
+    jpeg_quality: int = 95
+    workers: int = 1
+    dedupe: bool = False
+    min_caption_words: int = 0
+    seed: int = 0
+    shuffle: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        if self.samples_per_shard < 1:
+            raise PrepError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if self.max_image_side is not None and self.max_image_side < 8:
+            raise PrepError(f"--max-image-side must be >= 8, got {self.max_image_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise PrepError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.workers < 1:
+            raise PrepError(f"--workers must be >= 1, got {self.workers}")
+        if self.min_caption_words < 0:
+            raise PrepError(f"--min-caption-words must be >= 0, got {self.min_caption_words}")
+
+    def content_options(self) -> dict[str, Any]:
+        """The options that change the output (for the manifest; workers/overwrite/quiet do not)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("workers", "overwrite", "quiet")}
+
+
+@dataclass
+class Summary:
+    """What a conversion did; ``written + rejected == read`` always holds."""
+
+    output: Path
+    read: int
+    written: int
+    rejected: int
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """The one-line summary every converter prints."""
+        return f"written={self.written} rejected={self.rejected} read={self.read}"
+
+
+def package_version() -> str:
+    """The installed medclip-train version, for the manifest."""
+    try:
+        return metadata.version("medclip-train")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it either does not exist or is complete (tmp file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """:func:`atomic_write_bytes` for a JSON document."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def our_artifacts(output: Path) -> list[Path]:
+    """Files and folders in ``output`` that an earlier conversion wrote."""
+    found = {p for pattern in _OUR_GLOBS for p in output.glob(pattern)}
+    found.update(output / name for name in _OUR_FOLDERS if (output / name).is_dir())
+    return sorted(found)
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    """Create the output folder, refusing to mix with an earlier conversion unless ``overwrite``.
+
+    Resuming is not attempted: a shard's content depends on everything before it (dedupe, key collisions, shuffling),
+    so the only clean restart is from scratch. ``--overwrite`` removes the earlier conversion's files (including
+    leftover ``*.tar.tmp`` from a crash) and leaves anything else in the folder alone.
+    """
+    if output.exists() and not output.is_dir():
+        raise PrepError(f"output {output} exists and is not a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    found = our_artifacts(output)
+    if found and not overwrite:
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise PrepError(f"output {output} already holds a conversion ({names}); pass --overwrite to replace it")
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+class ShardSink:
+    """Writes samples into ``{split}-{NNNNNN}.tar`` shards, one open shard per split.
+
+    A shard is written as ``*.tar.tmp`` and renamed when it is full or the run ends, so a ``*.tar`` is always complete.
+    """
+
+    def __init__(self, output: Path, samples_per_shard: int):
+        self.output = output
+        self.samples_per_shard = samples_per_shard
+        self.sizes: dict[str, int] = {}
+        self.shards: dict[str, list[str]] = defaultdict(list)
+        self._open: dict[str, tuple[BinaryIO, tarfile.TarFile, str]] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, split: str, key: str, members: list[tuple[str, bytes]]) -> None:
+        """Append one sample (``(extension, bytes)`` members, image first) to the split's current shard."""
+        if split not in self._open:
+            self._start(split)
+        _, tar, _ = self._open[split]
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
+            tar.addfile(info, io.BytesIO(data))  # BytesIO over bytes shares the buffer, no copy
+        self._counts[split] += 1
+        if self._counts[split] >= self.samples_per_shard:
+            self._finish(split)
+
+    def close(self) -> dict[str, int]:
+        """Finish all open shards; returns ``{shard basename: sample count}``."""
+        for split in list(self._open):
+            self._finish(split)
+        return dict(sorted(self.sizes.items()))
+
+    def abort(self) -> None:
+        """Remove the shards still being written (after an error): no half shard is left behind."""
+        for f, tar, name in self._open.values():
+            tar.close()
+            f.close()
+            (self.output / (name + ".tmp")).unlink(missing_ok=True)
+        self._open.clear()
+
+    def _start(self, split: str) -> None:
+        name = f"{split}-{len(self.shards[split]):06d}.tar"
+        f = open(self.output / (name + ".tmp"), "wb")
+        self._open[split] = (f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT), name)
+        self._counts[split] = 0
+
+    def _finish(self, split: str) -> None:
+        f, tar, name = self._open.pop(split)
+        tar.close()
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(self.output / (name + ".tmp"), self.output / name)
+        self.sizes[name] = self._counts[split]
+        self.shards[split].append(name)
+
+
+class _Tally:
+    """Counters that become the manifest."""
+
+    def __init__(self):
+        self.read: Counter[str] = Counter()
+        self.written: dict[str, Counter[str]] = defaultdict(Counter)
+        self.rejected_by_source: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.labels: dict[str, Counter[str]] = defaultdict(Counter)
+        self.modalities: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def count_written(self, record: Record, meta: dict[str, Any]) -> None:
+        self.written[record.split][record.source] += 1
+        self.labels[record.split].update(meta["labels"])
+        self.labels[record.split].update(meta["cuis"])
+        if meta.get("modality") is not None:
+            self.modalities[record.split][str(meta["modality"])] += 1
+
+    def count_rejected(self, rejection: Rejection) -> None:
+        self.rejected_by_source[rejection.source] += 1
+        self.reasons[rejection.reason] += 1
+
+
+class _RejectionLog:
+    """``rejected.jsonl``, written as a tmp file and renamed with the rest of the output."""
+
+    def __init__(self, output: Path):
+        self.path = output / "rejected.jsonl"
+        self._tmp = output / "rejected.jsonl.tmp"
+        self._f = open(self._tmp, "w", encoding="utf-8")
+
+    def add(self, rejection: Rejection) -> None:
+        self._f.write(json.dumps(rejection.to_json(), ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class _InlineExecutor(Executor):
+    """Runs work in the calling process: ``--workers 1`` avoids process start-up and pickling."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _executor(workers: int) -> Executor:
+    if workers <= 1:
+        return _InlineExecutor()
+    # forkserver: workers do not inherit the parent's threads (tqdm's monitor), which fork could deadlock on.
+    method = "forkserver" if sys.platform.startswith("linux") else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method))
+
+
+def sample_json(record: Record, image: EncodedImage) -> dict[str, Any]:
+    """The ``.json`` member of a sample: common fields first, then the source's extras, then image facts."""
+    extras = dict(record.meta)
+    meta: dict[str, Any] = {"source": record.source, "id": record.id, "split": record.split}
+    modality = extras.pop("modality", None)
+    if modality is not None:
+        meta["modality"] = modality
+    meta["cuis"] = list(extras.pop("cuis", None) or [])
+    meta["labels"] = list(extras.pop("labels", None) or [])
+    licence = extras.pop("licence", None)
+    if licence:
+        meta["licence"] = licence
+    meta.update(extras)
+    meta["image_info"] = {
+        "width": image.width,
+        "height": image.height,
+        "original_width": image.original_width,
+        "original_height": image.original_height,
+        "original_mode": image.original_mode,
+        "passthrough": image.passthrough,
+    }
+    return meta
+
+
+class _Conversion:
+    """One run of :func:`write_dataset`: screening, ordered image processing, writing, accounting."""
+
+    def __init__(self, output: Path, options: WriteOptions):
+        self.output = output
+        self.options = options
+        self.policy = ImagePolicy(options.max_image_side, options.jpeg_quality, content_hash=options.dedupe)
+        self.tally = _Tally()
+        self.sink = ShardSink(output, options.samples_per_shard)
+        self.rejections = _RejectionLog(output)
+        self.seen_ids: set[tuple[str, str]] = set()
+        self.keys: set[str] = set()
+        self.hashes: dict[str, str] = {}
+
+    def screen(self, items: Iterable[Record | Rejection]) -> Iterator[tuple[Record | Rejection, str | None]]:
+        """Cheap checks before any image is decoded: duplicate id, caption."""
+        for item in items:
+            self.tally.read[item.source] += 1
+            if isinstance(item, Rejection):
+                yield item, None
+                continue
+            if (item.source, item.id) in self.seen_ids:
+                yield reject(item, Reason.DUPLICATE_ID, f"id {item.id!r} seen before"), None
+                continue
+            self.seen_ids.add((item.source, item.id))
+            caption, reason = clean_caption(item.caption, self.options.min_caption_words)
+            yield (reject(item, reason), None) if reason else (item, caption)
+
+    def run(self, items: Iterable[Record | Rejection]) -> None:
+        window = max(8, self.options.workers * 8)
+        with _executor(self.options.workers) as pool:
+            pending: deque[tuple[Record | Rejection, str | None, Future | None]] = deque()
+            for item, caption in self.screen(items):
+                future = pool.submit(process_image, item.image, self.policy) if caption is not None else None
+                pending.append((item, caption, future))
+                while len(pending) >= window:
+                    self.finish(*pending.popleft())
+            while pending:
+                self.finish(*pending.popleft())
+
+    def finish(self, item: Record | Rejection, caption: str | None, future: Future | None) -> None:
+        """Write or reject one item, in input order."""
+        if future is None:
+            return self.add_rejection(item)
+        result = future.result()
+        if isinstance(result, ImageFailure):
+            return self.add_rejection(reject(item, result.reason, result.detail))
+        if self.options.dedupe and result.content_hash is not None:
+            first = self.hashes.setdefault(result.content_hash, item.id)
+            if first != item.id:
+                return self.add_rejection(reject(item, Reason.DUPLICATE_IMAGE, f"same pixels as {first!r}"))
+        self.add_sample(item, caption, result)
+
+    def add_rejection(self, rejection: Rejection) -> None:
+        self.tally.count_rejected(rejection)
+        self.rejections.add(rejection)
+
+    def add_sample(self, record: Record, caption: str, image: EncodedImage) -> None:
+        key = sample_key(record.source, record.id)
+        if key in self.keys:  # distinct ids that sanitise to the same key ("a.b" and "a_b")
+            key = f"{key}_{short_hash(record.source + chr(0) + record.id)}"
+        self.keys.add(key)
+        meta = sample_json(record, image)
+        members = [(image.ext, image.data), ("txt", caption.encode("utf-8"))]
+        members.append(("json", json.dumps(meta, ensure_ascii=False).encode("utf-8")))
+        self.sink.add(record.split, key, members)
+        self.tally.count_written(record, meta)
+
+    def manifest(self, converter: str, converter_options: dict[str, Any]) -> dict[str, Any]:
+        tally = self.tally
+        written = sum(sum(c.values()) for c in tally.written.values())
+        rejected = sum(tally.reasons.values())
+        splits = sorted(set(tally.written) | set(self.sink.shards), key=split_sort_key)
+        sources = sorted(tally.read)
+        return {
+            "format_version": FORMAT_VERSION,
+            "version": package_version(),
+            "converter": {"name": converter, "options": {**converter_options, **self.options.content_options()}},
+            "counts": {"read": sum(tally.read.values()), "written": written, "rejected": rejected},
+            "splits": {
+                s: {
+                    "written": sum(tally.written[s].values()),
+                    "shards": self.sink.shards.get(s, []),
+                    "sources": dict(sorted(tally.written[s].items())),
+                }
+                for s in splits
+            },
+            "sources": {
+                src: {
+                    "read": tally.read[src],
+                    "written": sum(tally.written[s][src] for s in tally.written),
+                    "rejected": tally.rejected_by_source[src],
+                }
+                for src in sources
+            },
+            "rejected": dict(sorted(tally.reasons.items())),
+            "label_counts": {s: _by_count(tally.labels[s]) for s in splits if tally.labels[s]},
+            "modality_counts": {s: _by_count(tally.modalities[s]) for s in splits if tally.modalities[s]},
+        }
+
+
+def split_sort_key(split: str) -> tuple[int, str]:
+    """Sort key putting train, val, test first, other split names after, by name."""
+    return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), split)
+
+
+def _by_count(counter: Counter[str]) -> dict[str, int]:
+    """Most frequent first, ties by name: the order the label vocabulary is built in."""
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _progress(items: Iterable, total: int | None, desc: str, quiet: bool) -> Iterable:
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(items, total=total, desc=desc, unit="rec", file=sys.stderr, disable=disable, dynamic_ncols=True)
+
+
+def write_dataset(
+    items: Iterable[Record | Rejection],
+    output: Path,
+    options: WriteOptions,
+    converter: str,
+    converter_options: dict[str, Any] | None = None,
+    total: int | None = None,
+    finalize: Callable[[Path], dict[str, Any]] | None = None,
+) -> Summary:
+    """Write a converter's records as shards, accounting for every one of them.
+
+    Args:
+        items: the converter's records and reader-level rejections, in release order.
+        output: output folder (created; an earlier conversion there is refused unless ``options.overwrite``).
+        options: the common options.
+        converter: converter name for the manifest (``"roco"``).
+        converter_options: the converter's own options for the manifest (paths as strings).
+        total: number of items if known, for the progress bar.
+        finalize: writes extra outputs (zero-shot folders, tokenizer) after the shards and before ``sizes.json`` and
+            ``manifest.json``, so that the manifest still marks a complete folder; what it returns is kept in the
+            manifest under ``extras``.
+
+    Returns:
+        Counts of what was read, written and rejected.
+    """
+    prepare_output(output, options.overwrite)
+    if options.shuffle:
+        items = list(items)
+        random.Random(options.seed).shuffle(items)
+    run = _Conversion(output, options)
+    try:
+        run.run(_progress(items, total, converter, options.quiet))
+        sizes = run.sink.close()
+        run.rejections.close()
+    except BaseException:
+        run.sink.abort()
+        run.rejections.abort()
+        raise
+    manifest = run.manifest(converter, converter_options or {})
+    if finalize is not None:
+        manifest["extras"] = finalize(output)
+    atomic_write_json(output / "sizes.json", sizes)
+    atomic_write_json(output / "manifest.json", manifest)
+    counts = manifest["counts"]
+    return Summary(output, counts["read"], counts["written"], counts["rejected"], manifest["rejected"])
