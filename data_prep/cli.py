@@ -1,0 +1,263 @@
+"""``medclip-prep``: convert dataset releases to WebDataset shards, generate the demo set, inspect outputs.
+
+Every converter prints ``written=N rejected=M read=R`` on success. Bad input (missing folder, no captions file,
+missing columns) is one ``medclip-prep: error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from data_prep import demo, generic, medicat, medmnist, pmc_oa, roco, rocov2
+from data_prep.inspection import format_report, inspect_output
+from data_prep.records import PrepError
+from data_prep.writer import Summary, WriteOptions, write_dataset
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("output options (every converter)")
+    g.add_argument("--output", "-o", type=Path, required=True, help="output folder for shards and manifest")
+    g.add_argument("--samples-per-shard", type=int, default=5000, help="samples per tar shard (default 5000)")
+    g.add_argument("--max-image-side", type=int, default=None, help="resize so the longest side fits; never upscales")
+    g.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs (default 95)")
+    g.add_argument("--workers", type=int, default=1, help="image decode/encode processes; output order is unchanged")
+    g.add_argument("--dedupe", action="store_true", help="reject images whose pixels equal an earlier sample's")
+    g.add_argument("--min-caption-words", type=int, default=0, help="reject captions with fewer words")
+    g.add_argument("--seed", type=int, default=0, help="seed for shuffling, hashed splits and templates")
+    g.add_argument("--shuffle", action="store_true", help="shuffle records before writing (deterministic by seed)")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in --output")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return common
+
+
+def _add_fractions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-fraction", type=float, default=0.0, help="share hashed into val when there is no split")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="share hashed into test when there is no split")
+
+
+def _add_source_info(p: argparse.ArgumentParser, default_source: str) -> None:
+    p.add_argument("--source", default=default_source, help=f"source name in each sample's .json ({default_source})")
+    p.add_argument("--modality", default=None, help="modality of every sample")
+    p.add_argument("--licence", default=None, help="licence of every sample")
+    _add_fractions(p)
+
+
+def _add_table_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-column", required=True, help="column/field with the image path (relative to --images)")
+    p.add_argument("--caption-column", required=True, help="column/field with the caption")
+    p.add_argument("--id-column", default=None, help="column/field with the record id (default: the image path)")
+    p.add_argument("--split-column", default=None, help="column/field with train/val/test")
+    p.add_argument("--labels-column", default=None, help="column/field with class labels")
+    p.add_argument("--modality-column", default=None, help="column/field with the modality")
+    p.add_argument("--label-separator", default=";", help="separator of several labels in one cell (default ;)")
+    p.add_argument("--images", type=Path, default=None, help="image root (default: the table's folder)")
+    _add_source_info(p, "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medclip-prep`` argument parser."""
+    description = "Convert dataset releases to WebDataset shards, generate the demo set, inspect outputs."
+    parser = argparse.ArgumentParser(prog="medclip-prep", description=description)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    common = [_common_parser()]
+
+    p = sub.add_parser("roco", parents=common, help="ROCO v1 (GitHub data/ folder or Kaggle CSVs)")
+    p.add_argument("input", type=Path, help="repository root, its data/ folder, or Kaggle all_data/")
+    p.add_argument("--images-subdir", default="images", help="image folder inside each <split>/<class>/")
+    p.set_defaults(run=_run_roco)
+
+    p = sub.add_parser("rocov2", parents=common, help="ROCOv2 ({split}_captions.csv, concepts, images)")
+    p.add_argument("input", type=Path, help="folder with {train,valid,test}_captions.csv")
+    p.add_argument("--images", type=Path, default=None, help="folder holding {train,valid,test}/ (default: input)")
+    p.set_defaults(run=_run_rocov2)
+
+    p = sub.add_parser("medicat", parents=common, help="MedICaT jsonl + figures/")
+    p.add_argument("input", type=Path, help="release folder or the jsonl file")
+    p.add_argument("--figures", type=Path, default=None, help="figures folder (default: figures/ next to the jsonl)")
+    _add_fractions(p)
+    p.set_defaults(run=_run_medicat)
+
+    p = sub.add_parser("pmc-oa", parents=common, help="PMC-OA jsonl + image folder")
+    p.add_argument("input", type=Path, help="release folder or one jsonl file")
+    p.add_argument("--images", type=Path, default=None, help="image folder (default: found next to the jsonl)")
+    _add_fractions(p)
+    p.set_defaults(run=_run_pmc_oa)
+
+    p = sub.add_parser("csv", parents=common, help="generic CSV table of image paths and captions")
+    p.add_argument("input", type=Path, help="the CSV file")
+    p.add_argument("--delimiter", default=",", help="field delimiter (default ,)")
+    _add_table_columns(p)
+    p.set_defaults(run=_run_table, reader="csv")
+
+    p = sub.add_parser("jsonl", parents=common, help="generic JSONL table of image paths and captions")
+    p.add_argument("input", type=Path, help="the JSONL file")
+    _add_table_columns(p)
+    p.set_defaults(run=_run_table, reader="jsonl")
+
+    p = sub.add_parser("imagefolder", parents=common, help="root/<class>/* images with caption templates")
+    p.add_argument("input", type=Path, help="root folder (root/<class>/* or root/<split>/<class>/*)")
+    p.add_argument("--template", action="append", default=None, help="caption template with {label}; repeatable")
+    p.add_argument("--class-name", action="append", default=[], metavar="FOLDER=NAME", help="display name; repeatable")
+    _add_source_info(p, "imagefolder")
+    p.set_defaults(run=_run_imagefolder)
+
+    p = sub.add_parser("medmnist", parents=common, help="MedMNIST v2 .npz (+ zero-shot folder of the test split)")
+    p.add_argument("input", type=Path, help="the .npz file (breastmnist.npz, pathmnist_224.npz, ...)")
+    p.add_argument("--subset", default=None, help="subset name when the file name does not say it")
+    p.add_argument("--no-zeroshot", action="store_true", help="do not export OUT/zeroshot/<subset>/")
+    p.set_defaults(run=_run_medmnist)
+
+    p = sub.add_parser("demo", parents=common, help="generate the procedural demo dataset")
+    p.add_argument("--image-size", type=int, default=160, help="image side in pixels (default 160)")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=400)
+    # Smaller shards than for real data so the demo's loaders get several shards; all cores by default.
+    p.set_defaults(run=_run_demo, samples_per_shard=500, jpeg_quality=90, workers=min(4, os.cpu_count() or 1))
+
+    p = sub.add_parser("inspect", help="describe a converted folder")
+    p.add_argument("output", type=Path, help="the converter's output folder")
+    p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer for caption lengths (default whitespace)")
+    p.add_argument("--max-samples", type=int, default=None, help="read at most this many samples per shard")
+    p.set_defaults(run=_run_inspect)
+    return parser
+
+
+def _options(args: argparse.Namespace) -> WriteOptions:
+    return WriteOptions(
+        samples_per_shard=args.samples_per_shard,
+        max_image_side=args.max_image_side,
+        jpeg_quality=args.jpeg_quality,
+        workers=args.workers,
+        dedupe=args.dedupe,
+        min_caption_words=args.min_caption_words,
+        seed=args.seed,
+        shuffle=args.shuffle,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+
+
+def _run_roco(args) -> Summary:
+    records = roco.read_records(args.input, args.images_subdir)
+    options = {"input": str(args.input), "images_subdir": args.images_subdir}
+    return write_dataset(records, args.output, _options(args), "roco", options)
+
+
+def _run_rocov2(args) -> Summary:
+    records = rocov2.read_records(args.input, args.images)
+    options = {"input": str(args.input), "images": _str(args.images)}
+    return write_dataset(records, args.output, _options(args), "rocov2", options)
+
+
+def _run_medicat(args) -> Summary:
+    records = medicat.read_records(args.input, args.figures, args.val_fraction, args.test_fraction, args.seed)
+    options = {"input": str(args.input), "figures": _str(args.figures), **_fractions(args)}
+    return write_dataset(records, args.output, _options(args), "medicat", options)
+
+
+def _run_pmc_oa(args) -> Summary:
+    records = pmc_oa.read_records(args.input, args.images, args.val_fraction, args.test_fraction, args.seed)
+    options = {"input": str(args.input), "images": _str(args.images), **_fractions(args)}
+    return write_dataset(records, args.output, _options(args), "pmc-oa", options)
+
+
+def _run_table(args) -> Summary:
+    columns = generic.TableColumns(
+        args.image_column, args.caption_column, args.id_column, args.split_column, args.labels_column,
+        args.modality_column,
+    )  # fmt: skip
+    info = _source_info(args, args.source or args.reader)
+    if args.reader == "csv":
+        records = generic.read_csv(args.input, columns, info, args.images, args.delimiter, args.label_separator)
+    else:
+        records = generic.read_jsonl(args.input, columns, info, args.images, args.label_separator)
+    options = {"input": str(args.input), "images": _str(args.images), "columns": vars(columns), **_info(info)}
+    return write_dataset(records, args.output, _options(args), args.reader, options)
+
+
+def _run_imagefolder(args) -> Summary:
+    class_names = dict(_split_pair(item) for item in args.class_name)
+    templates = tuple(args.template) if args.template else generic.DEFAULT_TEMPLATES
+    info = _source_info(args, args.source)
+    records = generic.read_image_folder(args.input, info, templates, class_names)
+    options = {"input": str(args.input), "templates": list(templates), "class_names": class_names, **_info(info)}
+    return write_dataset(records, args.output, _options(args), "imagefolder", options)
+
+
+def _run_medmnist(args) -> Summary:
+    subset = medmnist.subset_of(args.input, args.subset)
+    arrays = medmnist.load_npz(args.input)
+    records = medmnist.read_records(args.input, arrays, subset, args.seed)
+    total = sum(len(arrays[f"{s}_labels"]) for s in medmnist.SPLITS)
+
+    def finalize(out: Path) -> dict:
+        if args.no_zeroshot:
+            return {}
+        return {"zeroshot": {subset: medmnist.export_zeroshot(arrays, subset, out / "zeroshot" / subset)}}
+
+    options = {"input": str(args.input), "subset": subset, "zeroshot": not args.no_zeroshot}
+    return write_dataset(records, args.output, _options(args), "medmnist", options, total, finalize)
+
+
+def _run_demo(args) -> Summary:
+    counts = {"train": args.n_train, "val": args.n_val, "test": args.n_test}
+    if min(counts.values()) < 0 or args.image_size < 32:
+        raise PrepError("demo: sample counts must be >= 0 and --image-size >= 32")
+    return demo.run(args.output, counts, args.image_size, _options(args))
+
+
+def _run_inspect(args) -> int:
+    report = inspect_output(args.output, args.tokenizer, args.max_samples)
+    print(format_report(report))
+    return 0 if report["complete"] else 1
+
+
+def _source_info(args, name: str) -> generic.SourceInfo:
+    for flag, value in (("--val-fraction", args.val_fraction), ("--test-fraction", args.test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise PrepError(f"{flag} must be in [0, 1), got {value}")
+    return generic.SourceInfo(name, args.modality, args.licence, args.val_fraction, args.test_fraction, args.seed)
+
+
+def _split_pair(item: str) -> tuple[str, str]:
+    folder, sep, name = item.partition("=")
+    if not sep or not folder:
+        raise PrepError(f"--class-name expects FOLDER=NAME, got {item!r}")
+    return folder, name
+
+
+def _info(info: generic.SourceInfo) -> dict:
+    return {"source": info.name, "modality": info.modality, "licence": info.licence, **_fractions(info)}
+
+
+def _fractions(obj) -> dict:
+    return {"val_fraction": obj.val_fraction, "test_fraction": obj.test_fraction}
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``medclip-prep``; returns the exit code (0 ok, 1 ``inspect`` found problems, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    run: Callable = args.run
+    try:
+        result = run(args)
+    except PrepError as e:
+        print(f"medclip-prep: error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(result, Summary):
+        print(result.line())
+        return 0
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
