@@ -233,11 +233,11 @@ def open_classification(
     """
     spec = str(spec)
     if is_shard_pattern(spec):
-        if not label_prefix:
+        if label_prefix is None:
             raise EvalInputError(f"{spec}: --label-prefix is required to take classes from the shards' .json labels")
         prompt_set = load_prompt_set(prompts) if (prompts and with_prompts) else None
         source = ShardSource(expand_shards(spec), project_meta, "project")
-        name = (prompt_set.name if prompt_set and prompt_set.name else None) or label_prefix.rstrip(":")
+        name = (prompt_set.name if prompt_set and prompt_set.name else None) or label_prefix.rstrip(":") or "labels"
         classes = prompt_set.classes if prompt_set else None
         return ClassificationData(name, source, classes, prompt_set, label_prefix)
     root = Path(spec)
