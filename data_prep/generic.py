@@ -22,7 +22,6 @@ from data_prep.records import (
     Record,
     RecordRejected,
     Rejection,
-    has_undecodable,
     hashed_split,
     read_jsonl_rows,
     safe_join,
@@ -157,9 +156,8 @@ def _table_record(
     except RecordRejected as e:
         return Rejection(info.name, rid, src, e.reason, e.detail, line, split)
     caption = row.get(cols.caption)
-    if isinstance(caption, str) and has_undecodable(caption):
-        caption = caption.encode("utf-8", "surrogateescape")  # rejected as undecodable by the writer
-    elif caption is not None and not isinstance(caption, str):
+    # Bytes that are not UTF-8 stay in the string as surrogates (errors="surrogateescape"): the writer rejects them.
+    if caption is not None and not isinstance(caption, str):
         return Rejection(info.name, rid, src, Reason.MALFORMED_RECORD, "caption is not text", line, split)
     meta = {
         "modality": (row.get(cols.modality) if cols.modality else None) or info.modality,

@@ -134,15 +134,6 @@ def clean_caption(caption: str | bytes | None, min_words: int = 0) -> tuple[str 
     return caption, None
 
 
-def has_undecodable(text: str) -> bool:
-    """Whether text read with ``errors="surrogateescape"`` carried bytes that are not UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 

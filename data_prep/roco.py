@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.records import PrepError, Reason, Record, RecordRejected, Rejection, has_undecodable, safe_join
+from data_prep.records import PrepError, Reason, Record, RecordRejected, Rejection, safe_join
 
 SOURCE = "roco"
 SPLITS = {"train": "train", "validation": "val", "test": "test"}
@@ -211,8 +211,6 @@ def _read_kaggle_csv(csv_path: Path, split: str, cls: str, images_subdir: str) -
                 yield Rejection(SOURCE, rid, src, Reason.MALFORMED_RECORD, "short row", reader.line_num, split)
                 continue
             rid = rid.strip()
-            if caption is not None and has_undecodable(caption):
-                caption = caption.encode("utf-8", "surrogateescape")  # rejected as undecodable by the writer
             try:
                 image = safe_join(images, name.strip())
             except RecordRejected as e:

@@ -15,7 +15,7 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.records import PrepError, Reason, Record, RecordRejected, Rejection, has_undecodable, safe_join
+from data_prep.records import PrepError, Reason, Record, RecordRejected, Rejection, safe_join
 
 SOURCE = "rocov2"
 SPLITS = {"train": "train", "valid": "val", "test": "test"}
@@ -70,8 +70,6 @@ def _read_captions(path, split, images, concepts, manual, names) -> Iterator[Rec
                 yield Rejection(SOURCE, rid, str(path), Reason.MALFORMED_RECORD, "no ID", reader.line_num, split)
                 continue
             rid = rid.strip()
-            if caption is not None and has_undecodable(caption):
-                caption = caption.encode("utf-8", "surrogateescape")  # rejected as undecodable by the writer
             try:
                 image = safe_join(images, f"{rid}.jpg")
             except RecordRejected as e:
