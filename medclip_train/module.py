@@ -163,10 +163,12 @@ class CLIPModule(L.LightningModule):
 
         opt.step(closure=closure)  # the gradient check and clipping run in on_before_optimizer_step
         opt.zero_grad(set_to_none=True)
-        self.lr_schedulers().step()
+        scheduler = self.lr_schedulers()
+        lr = scheduler.get_last_lr()[0]  # the LR this step used; after step() it is the next step's
+        scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.optim_cfg.max_logit_scale))
-        self._log_step(batch, result["loss"], result["parts"])
+        self._log_step(batch, result["loss"], result["parts"], lr)
         return result["loss"]
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -188,7 +190,7 @@ class CLIPModule(L.LightningModule):
                 "model.optim.lr or longer warmup_steps, model.grad_clip_norm=1.0, and check the data for bad samples."
             )
 
-    def _log_step(self, batch: dict, loss: torch.Tensor, parts: dict) -> None:
+    def _log_step(self, batch: dict, loss: torch.Tensor, parts: dict, lr: float) -> None:
         n = batch["image"].shape[0] * self.trainer.world_size
         self.samples_seen += n
         if "skipped" in batch:
@@ -197,7 +199,7 @@ class CLIPModule(L.LightningModule):
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value)
         self.log("train/logit_scale", self.model.logit_scale.detach().exp())
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("train/lr", lr)
         self.log("train/skipped_samples", self.skipped_samples.float())
         self.log("train/skipped_steps", self.skipped_steps.float())
         if hasattr(self, "_last_grad_norm"):
