@@ -40,8 +40,10 @@ class StreamLoader(DataLoader):
         return super().__iter__()
 
     def __len__(self) -> int:
+        # The whole epoch, also after a resume: Lightning restores its own count of the batches already done in
+        # the epoch and ends the epoch when that count reaches len(); the remaining length would end it early.
         self.dataset.spec.world = self.world or world_info()
-        return len(self.dataset) - (self._state["batches_in_epoch"] if self._train else 0)
+        return len(self.dataset)
 
 
 class WebDataModule(L.LightningDataModule):
