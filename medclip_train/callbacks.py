@@ -10,6 +10,7 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def _peak_rss_mb() -> float:
@@ -85,6 +86,22 @@ class RunSummary(L.Callback):
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, self.filename), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+
+
+class CheckpointOnSigterm(L.Callback):
+    """Saves ``last.ckpt`` when the run stops on SIGTERM (a cluster scheduler's preemption or time limit).
+
+    Lightning 2.x only turns SIGTERM into ``SIGTERMException`` at the end of the current step and saves nothing
+    (its SLURM requeue handler listens to SIGUSR1), so without this a preempted run would lose everything since
+    its last periodic checkpoint. ``--ckpt_path last`` resumes from here.
+    """
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        checkpoint = trainer.checkpoint_callback
+        dirpath = getattr(checkpoint, "dirpath", None) or trainer.default_root_dir
+        trainer.save_checkpoint(os.path.join(dirpath, "last.ckpt"))
 
 
 class EvalCallback(L.Callback):

@@ -12,7 +12,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from medclip_train.callbacks import EvalCallback, RunSummary
+from medclip_train.callbacks import CheckpointOnSigterm, EvalCallback, RunSummary
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.module import CLIPModule
 
@@ -53,6 +53,7 @@ class MedCLIPCLI(LightningCLI):
         # checkpoint and eval callbacks are added by LightningCLI itself (add_lightning_class_args);
         # RunSummary goes last so that it sees the final evaluation.
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(CheckpointOnSigterm())
         trainer.callbacks.append(RunSummary())
         return trainer
 
