@@ -1,14 +1,18 @@
-"""Callbacks of every run: throughput and the run summary, periodic zero-shot/retrieval evaluation."""
+"""Callbacks of every run: throughput and the run summary, periodic zero-shot/retrieval evaluation, checkpoint on
+SIGTERM; and the checkpoint writer that never leaves a half-written file in place of a good one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import tempfile
 import time
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -102,6 +106,39 @@ class CheckpointOnSigterm(L.Callback):
         checkpoint = trainer.checkpoint_callback
         dirpath = getattr(checkpoint, "dirpath", None) or trainer.default_root_dir
         trainer.save_checkpoint(os.path.join(dirpath, "last.ckpt"))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a local checkpoint to a temporary file next to it, then renames it into place (``os.replace``).
+
+    A crash or a full disk during the write leaves the previous checkpoint whole. Lightning's writer stages the
+    file in the system temp folder and moves it; when that folder is on another filesystem than the checkpoints
+    (node-local /tmp, checkpoints on shared storage) the move is a copy over the old file, and a failure during
+    that copy leaves a truncated ``last.ckpt``. Remote paths (``s3://`` ...) keep Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = str(path)
+        if "://" in path:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint gets the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
 
 
 class EvalCallback(L.Callback):

@@ -11,8 +11,9 @@ import sys
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from medclip_train.callbacks import CheckpointOnSigterm, EvalCallback, RunSummary
+from medclip_train.callbacks import AtomicCheckpointIO, CheckpointOnSigterm, EvalCallback, RunSummary
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.module import CLIPModule
 
@@ -53,6 +54,8 @@ class MedCLIPCLI(LightningCLI):
         # checkpoint and eval callbacks are added by LightningCLI itself (add_lightning_class_args);
         # RunSummary goes last so that it sees the final evaluation.
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not when a config chose another writer
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         trainer.callbacks.append(CheckpointOnSigterm())
         trainer.callbacks.append(RunSummary())
         return trainer
