@@ -35,8 +35,11 @@ def load_for_eval(source: str, pretrained: str | None, device: str):
     """``model.loading.load_model`` (imported here: it is heavy and the CLI's ``--help`` should not need it)."""
     from medclip_train.model.loading import load_model
 
-    kwargs = {"pretrained": pretrained} if pretrained else {}
-    return load_model(source, device=device, **kwargs)
+    try:
+        return load_model(source, device=device, pretrained=pretrained)
+    except (OSError, ValueError, RuntimeError) as err:  # unreadable checkpoint, unknown name, missing folder
+        message = str(err)
+        raise EvalInputError(message if message.startswith("--model") else f"--model {source}: {message}") from err
 
 
 def make_encoder(args) -> tuple[Encoder, str]:

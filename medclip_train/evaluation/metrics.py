@@ -29,7 +29,7 @@ ZERO_SHOT_LOGIT_SCALE = 100.0
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
     """CLIP_benchmark's ``accuracy``: the target is among the ``k`` highest logits (``torch.topk``)."""
     pred = logits.topk(k, dim=1).indices
-    return (pred == targets.view(-1, 1)).any(dim=1).float().mean().item()
+    return (pred == targets.view(-1, 1)).any(dim=1).double().mean().item()
 
 
 def softmax_probabilities(logits) -> np.ndarray:

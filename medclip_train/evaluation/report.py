@@ -60,7 +60,7 @@ def save_confusion_matrix(path: str | Path, matrix, classnames: list[str], title
     from sklearn.metrics import ConfusionMatrixDisplay
 
     matrix = np.asarray(matrix)
-    size = max(4.0, 0.5 * len(classnames) + 2)
+    size = max(5.0, 0.6 * len(classnames) + 3)  # long medical class names need room on both axes
     fig, ax = plt.subplots(figsize=(size, size))
     display = ConfusionMatrixDisplay(matrix, display_labels=classnames)
     display.plot(ax=ax, colorbar=False, xticks_rotation="vertical", include_values=len(classnames) <= 20)
@@ -68,7 +68,7 @@ def save_confusion_matrix(path: str | Path, matrix, classnames: list[str], title
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 

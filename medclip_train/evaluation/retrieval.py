@@ -49,18 +49,46 @@ def retrieval_ranks(
         raise ValueError("every query needs at least one positive candidate")
     chunk_size = chunk_size or max(1, SCORE_BUDGET // max(num_candidates, 1))
     positives = positives.to(candidates.device)
-    column = torch.arange(num_candidates, device=candidates.device)
-    ranks = []
-    for start in range(0, queries.shape[0], chunk_size):
-        scores = queries[start : start + chunk_size].to(candidates) @ candidates.T  # (c, M)
-        pos = positives[start : start + chunk_size]  # (c, P)
-        pos_scores = scores.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -torch.inf)
-        best = pos_scores.max(dim=1, keepdim=True).values  # (c, 1) s*
-        # lowest index among the positives that reach s* (padding and lower-scoring positives excluded)
-        first = torch.where(pos_scores == best, pos, num_candidates).min(dim=1, keepdim=True).values
-        ties_before = ((scores == best) & (column < first)).sum(dim=1)
-        ranks.append(((scores > best).sum(dim=1) + ties_before).cpu())
+    # One chunk per call: its (c, M) scores are freed on return, before the next chunk's are allocated.
+    ranks = [
+        _chunk_ranks(
+            queries[start : start + chunk_size].to(candidates), candidates, positives[start : start + chunk_size]
+        )
+        for start in range(0, queries.shape[0], chunk_size)
+    ]
     return torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.int64)
+
+
+def _chunk_ranks(queries: torch.Tensor, candidates: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Ranks of a chunk of queries (c, D) against all candidates; ``pos`` (c, P) as in :func:`retrieval_ranks`."""
+    num_candidates = candidates.shape[0]
+    scores = queries @ candidates.T  # (c, M)
+    pos_scores = scores.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, -torch.inf)
+    best = pos_scores.max(dim=1, keepdim=True).values  # (c, 1) s*
+    # lowest index among the positives that reach s* (padding and lower-scoring positives excluded)
+    first = torch.where(pos_scores == best, pos, num_candidates).min(dim=1, keepdim=True).values
+    rank = count_true(scores > best)
+    # Ties with s* other than p* itself are rare with real features: count them by index only in those rows.
+    tied = (count_true(scores == best) > 1).nonzero().squeeze(1)
+    if len(tied):
+        column = torch.arange(num_candidates, device=candidates.device)
+        rank[tied] += count_true((scores[tied] == best[tied]) & (column < first[tied]))
+    return rank.cpu()
+
+
+def count_true(mask: torch.Tensor, block: int = 255) -> torch.Tensor:
+    """(R,) int64 count of ``True`` per row of an (R, M) bool mask, without an (R, M) int64 temporary.
+
+    ``mask.sum(dim=1)`` upcasts to int64 first, materialising 8 bytes per score (twice the score chunk itself);
+    summing blocks of 255 as uint8 cannot overflow and needs no copy, only the (R, M / 255) partial sums are widened.
+    """
+    rows, width = mask.shape
+    full = width - width % block
+    counts = mask[:, full:].sum(dim=1)
+    if full:
+        partial = mask[:, :full].view(torch.uint8).view(rows, full // block, block).sum(dim=2, dtype=torch.uint8)
+        counts += partial.sum(dim=1)
+    return counts
 
 
 def rank_metrics(ranks: torch.Tensor, ks=DEFAULT_KS, prefix: str = "") -> dict[str, float]:

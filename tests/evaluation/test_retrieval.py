@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
 
-from medclip_train.evaluation.retrieval import retrieval_metrics, retrieval_ranks, roco_subset
+from medclip_train.evaluation.retrieval import count_true, retrieval_metrics, retrieval_ranks, roco_subset
 
 try:
     from open_clip_train.train import get_clip_metrics
@@ -144,3 +144,11 @@ def test_roco_subset_is_deterministic_and_respects_min_words():
     assert roco_subset(keys, captions, 2000, seed=43, min_words=3) != first
     # fewer eligible than asked: all of them
     assert len(roco_subset(keys[:10], ["a b c"] * 5 + ["a"] * 5, 2000)) == 5
+
+
+@pytest.mark.parametrize("width", [1, 254, 255, 256, 1000, 5101])
+def test_count_true_equals_sum(width):
+    mask = torch.rand(7, width, generator=torch.Generator().manual_seed(width)) < 0.9
+    assert torch.equal(count_true(mask), mask.sum(dim=1))
+    assert torch.equal(count_true(mask[2:5]), mask[2:5].sum(dim=1))  # a row slice, as for the tied rows
+    assert torch.equal(count_true(torch.ones(3, width, dtype=torch.bool)), torch.full((3,), width))
