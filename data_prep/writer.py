@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import sys
 import tarfile
+import threading
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -266,9 +267,18 @@ class _InlineExecutor(Executor):
 def _executor(workers: int) -> Executor:
     if workers <= 1:
         return _InlineExecutor()
-    # forkserver: workers do not inherit the parent's threads (tqdm's monitor), which fork could deadlock on.
-    method = "forkserver" if sys.platform.startswith("linux") else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method))
+    # fork starts workers in milliseconds, but forking a process that runs other threads can deadlock a child on a
+    # lock held at fork time: then forkserver (clean workers, about a second to start) is used instead.
+    method = "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "forkserver"
+    if method not in multiprocessing.get_all_start_methods():
+        method = "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+
+
+class _ProgressBar(tqdm):
+    """tqdm without its monitor thread, so that worker processes may still be forked."""
+
+    monitor_interval = 0
 
 
 def sample_json(record: Record, image: EncodedImage) -> dict[str, Any]:
@@ -408,7 +418,7 @@ def _by_count(counter: Counter[str]) -> dict[str, int]:
 
 def _progress(items: Iterable, total: int | None, desc: str, quiet: bool) -> Iterable:
     disable = quiet or not sys.stderr.isatty()
-    return tqdm(items, total=total, desc=desc, unit="rec", file=sys.stderr, disable=disable, dynamic_ncols=True)
+    return _ProgressBar(items, total=total, desc=desc, unit="rec", file=sys.stderr, disable=disable, dynamic_ncols=True)
 
 
 def write_dataset(

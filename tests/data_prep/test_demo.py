@@ -93,7 +93,13 @@ def test_demo_is_deterministic_for_a_seed(tmp_path, run_cli):
         assert code == 0
         check_accounting(tmp_path / name, out)
         runs[name] = tmp_path / name
-    for shard in ("train-000000.tar", "train-000002.tar", "test-000000.tar", "manifest.json"):
+    for shard in (
+        "train-000000.tar",
+        "train-000002.tar",
+        "test-000000.tar",
+        "manifest.json",
+        "tokenizer/tokenizer.json",
+    ):
         assert (runs["a"] / shard).read_bytes() == (runs["b"] / shard).read_bytes()
     assert (runs["a"] / "train-000000.tar").read_bytes() != (runs["c"] / "train-000000.tar").read_bytes()
     png = next((runs["a"] / "zeroshot" / "modality").glob("*/test_000000.png")).relative_to(runs["a"])

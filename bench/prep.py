@@ -1,0 +1,123 @@
+"""Conversion throughput of ``medclip-prep``: images per second at 1 and 2 worker processes.
+
+``python -m bench prep [--images 400] [--workers 1 2] [--max-image-side 512]`` writes synthetic 1024x768 JPEGs
+(smooth structure plus noise, about the size of a journal figure) as an image folder, converts it with the
+``imagefolder`` converter (decode, resize to 512, re-encode, tar) once per worker count, writes
+``bench/results/prep.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_prep.generic import SourceInfo, read_image_folder
+from data_prep.writer import WriteOptions, write_dataset
+
+RESULTS = Path(__file__).resolve().parent / "results" / "prep.json"
+
+
+def make_images(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> int:
+    """Write ``count`` JPEGs into ``root/<class>/``; returns the total bytes written."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    total = 0
+    for i in range(count):
+        cls = root / f"class{i % 4}"
+        cls.mkdir(parents=True, exist_ok=True)
+        # Low-frequency structure (blobs and gradients) plus sensor-like noise: compresses like a real figure.
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(80, 300)
+        base = 90 + 80 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)) + 40 * (xx / w)
+        channels = [base * rng.uniform(0.7, 1.1) + rng.normal(0, 8, (h, w)) for _ in range(3)]
+        pixels = np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        (cls / f"img{i:05d}.jpg").write_bytes(buf.getvalue())
+        total += buf.tell()
+    return total
+
+
+def convert(images: Path, output: Path, workers: int, max_side: int) -> tuple[float, int]:
+    """One conversion; returns (seconds, samples written)."""
+    options = WriteOptions(max_image_side=max_side, workers=workers, overwrite=True, quiet=True)
+    start = time.perf_counter()
+    summary = write_dataset(read_image_folder(images, SourceInfo("bench")), output, options, "imagefolder")
+    return time.perf_counter() - start, summary.written
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_avg_1m_before": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def table(result: dict) -> str:
+    rows = ["| workers | images | seconds | images/s | speed-up |", "|---|---|---|---|---|"]
+    base = result["runs"][0]["images_per_s"]
+    for run in result["runs"]:
+        speedup = run["images_per_s"] / base
+        rows.append(f"| {run['workers']} | {run['images']} | {run['seconds']:.2f} | {run['images_per_s']:.1f} | "
+                    f"{speedup:.2f}x |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench prep", description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=400, help="number of synthetic JPEGs (default 400)")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--max-image-side", type=int, default=512)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default 1 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per worker count; the fastest is kept")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench_prep_"))
+    try:
+        info = machine()
+        made = time.perf_counter()
+        size_bytes = make_images(work / "images", args.images, (args.width, args.height))
+        made = time.perf_counter() - made
+        runs = []
+        for workers in args.workers:
+            times = [convert(work / "images", work / "out", workers, args.max_image_side) for _ in range(args.repeats)]
+            seconds, written = min(times)
+            assert written == args.images, f"{written} of {args.images} images written"
+            runs.append({"workers": workers, "images": written, "seconds": round(seconds, 3),
+                         "images_per_s": round(written / seconds, 1)})  # fmt: skip
+        info["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "benchmark": "prep",
+        "command": "python -m bench prep " + " ".join(argv),
+        "machine": info,
+        "input": {
+            "images": args.images,
+            "size": [args.width, args.height],
+            "mean_kb": round(size_bytes / args.images / 1024, 1),
+            "generation_s": round(made, 2),
+        },  # fmt: skip
+        "converter": {"name": "imagefolder", "max_image_side": args.max_image_side, "jpeg_quality": 95},
+        "runs": runs,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    head = f"medclip-prep imagefolder, {args.images} JPEGs {args.width}x{args.height} -> max side {args.max_image_side}"
+    print(f"{head}, {info['cores']} cores ({info['cpu']}), load {info['load_avg_1m_before']}")
+    print(table(result))
