@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/medclip-prep demo --output $(DEMO_DATA)
+	$(VENV)/bin/medclip-prep demo --output $(DEMO_DATA) --samples-per-shard 500 --overwrite --quiet
 	rm -rf $(DEMO_RUN)
 	$(PY) train.py fit --config configs/demo_cpu.yaml
 	$(VENV)/bin/medclip-eval all --model $(DEMO_RUN)/last.ckpt --demo-data $(DEMO_DATA) \
