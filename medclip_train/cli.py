@@ -62,15 +62,45 @@ class MedCLIPCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MedCLIPCLI:
-    return MedCLIPCLI(
-        CLIPModule,
-        WebDataModule,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    """The CLI; a config error found by this package's checks ends it with ``error: <message>`` and exit code 2."""
+    try:
+        return MedCLIPCLI(
+            CLIPModule,
+            WebDataModule,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        ours = _config_error(err)
+        if ours is None:
+            raise
+        print(f"error: {ours}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _config_error(err: BaseException | None) -> BaseException | None:
+    """The error that one of this package's config checks raised, if ``err`` is or wraps one.
+
+    The checks name the field in their message, so the message is all the user needs; jsonargparse wraps them
+    in a union-type error with the whole namespace. Anything raised elsewhere keeps its traceback.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        raised_here = tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+        if isinstance(err, (ValueError, FileNotFoundError)) and raised_here:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _has_omegaconf() -> bool:
