@@ -40,6 +40,11 @@ class MedCLIPCLI(LightningCLI):
             trainer["default_root_dir"] = os.path.join("checkpoints", cfg["run_name"])
         root = trainer.get("default_root_dir") or os.path.join("checkpoints", "run")
         trainer["default_root_dir"] = root
+        # The data config is checked first (shards exist, sizes.json for exact epochs): a missing shard must not
+        # wait for the towers and their weights to be built. WebDataModule's constructor only reads file lists.
+        data = cfg.get("data")
+        if data is not None:
+            WebDataModule(**(data.as_dict() if hasattr(data, "as_dict") else dict(data)))
         if cfg["checkpoint"].get("dirpath") is None:
             cfg["checkpoint"]["dirpath"] = root
         if trainer.get("logger") in (None, True):
