@@ -55,7 +55,7 @@ def _add_table_columns(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels-column", default=None, help="column/field with class labels")
     p.add_argument("--modality-column", default=None, help="column/field with the modality")
     p.add_argument("--label-separator", default=";", help="separator of several labels in one cell (default ;)")
-    p.add_argument("--images", type=Path, default=None, help="image root (default: the table's folder)")
+    p.add_argument("--images", type=Path, default=None, help="image folder, .zip or .tar (default: the table's folder)")
     _add_source_info(p, "")
 
 
@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pmc-oa", parents=common, help="PMC-OA jsonl + image folder")
     p.add_argument("input", type=Path, help="release folder or one jsonl file")
-    p.add_argument("--images", type=Path, default=None, help="image folder (default: found next to the jsonl)")
+    p.add_argument(
+        "--images", type=Path, default=None, help="image folder, .zip or .tar (default: found next to the jsonl)"
+    )
     _add_fractions(p)
     p.set_defaults(run=_run_pmc_oa)
 

@@ -14,6 +14,8 @@ seed whatever the number of workers.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from data_prep.demo_images import MODALITIES, render
 from data_prep.images import ArrayImage
 from data_prep.records import Record
 from data_prep.tokenizer import train_wordpiece
-from data_prep.writer import Summary, WriteOptions, write_dataset
+from data_prep.writer import Summary, WriteOptions, package_version, write_dataset
 from data_prep.zeroshot import write_task
 
 SOURCE = "demo"
@@ -188,8 +190,32 @@ def export_zeroshot(samples: list[DemoSample], zeroshot_dir: Path) -> dict:
     return {"modality": modality, "nodule": nodule}
 
 
+def up_to_date(output: Path, converter_options: dict, options: WriteOptions) -> Summary | None:
+    """The earlier demo in ``output`` if it is complete and was made with the same options, else ``None``.
+
+    The demo is a pure function of its options, so re-running ``make demo`` can keep it instead of refusing (or
+    needing ``--overwrite``). Completeness: manifest and sizes present, every listed shard there, no ``*.tmp``,
+    tokenizer and zero-shot prompts written.
+    """
+    try:
+        manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+        sizes = json.loads((output / "sizes.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = manifest.get("converter") == {"name": "demo", "options": {**converter_options, **options.content_options()}}
+    same = same and manifest.get("version") == package_version()
+    files = [output / name for name in sizes] + [output / "tokenizer" / "tokenizer.json"]
+    files += [
+        output / "zeroshot" / task / "prompts.json" for task in ("modality", "nodule") if converter_options["n_test"]
+    ]
+    if not same or list(output.glob("*.tmp")) or not all(f.is_file() for f in files):
+        return None
+    counts = manifest["counts"]
+    return Summary(output, counts["read"], counts["written"], counts["rejected"], manifest.get("rejected", {}))
+
+
 def run(output: Path, counts: dict[str, int], image_size: int, options: WriteOptions) -> Summary:
-    """Generate the demo dataset into ``output``.
+    """Generate the demo dataset into ``output`` (kept as it is if an identical demo is already there).
 
     Args:
         output: output folder.
@@ -197,6 +223,11 @@ def run(output: Path, counts: dict[str, int], image_size: int, options: WriteOpt
         image_size: image side in pixels.
         options: the common writer options (``seed`` seeds the generation).
     """
+    converter_options = {"image_size": image_size, **{f"n_{k}": v for k, v in counts.items()}}
+    if not options.overwrite and (done := up_to_date(output, converter_options, options)) is not None:
+        if not options.quiet:
+            print(f"medclip-prep: {output} already holds this demo (same options), kept", file=sys.stderr)
+        return done
     splits = {split: make_samples(split, n, options.seed, image_size) for split, n in counts.items()}
 
     def finalize(out: Path) -> dict:
@@ -204,6 +235,5 @@ def run(output: Path, counts: dict[str, int], image_size: int, options: WriteOpt
         zeroshot = export_zeroshot(splits.get("test", []), out / "zeroshot")
         return {"tokenizer": {"path": "tokenizer", "vocab_size": vocab}, "zeroshot": zeroshot}
 
-    converter_options = {"image_size": image_size, **{f"n_{k}": v for k, v in counts.items()}}
     total = sum(counts.values())
     return write_dataset(read_records(splits), output, options, "demo", converter_options, total, finalize)

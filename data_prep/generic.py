@@ -1,8 +1,8 @@
 """Generic sources for researchers bringing a new modality: a CSV or JSONL table, or an image folder by class.
 
 - table (CSV/JSONL): one row per image, with an image path column and a caption column (names given by flags);
-  optional id, split, labels and modality columns. Image paths are relative to ``--images`` (default: the table's
-  folder); absolute paths and ``..`` are refused.
+  optional id, split, labels and modality columns. Image paths are relative to ``--images`` (a folder, ``.zip`` or
+  ``.tar``; default: the table's folder); absolute paths and ``..`` are refused.
 - image folder: ``root/<class>/*`` (or ``root/{train,val,test}/<class>/*``); captions from templates with ``{label}``
   replaced by the class's display name; labels ``["<source>:<class>"]``.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_prep.image_store import ArchiveStore, FolderStore, open_image_store
 from data_prep.records import (
     PrepError,
     Reason,
@@ -24,7 +25,6 @@ from data_prep.records import (
     Rejection,
     hashed_split,
     read_jsonl_rows,
-    safe_join,
     short_hash,
 )
 
@@ -39,6 +39,7 @@ SPLIT_NAMES = {
     "test": "test",
     "testing": "test",
 }
+ImageStore = FolderStore | ArchiveStore
 DEFAULT_TEMPLATES = ("an image of {label}.", "a medical image showing {label}.", "{label}.")
 
 
@@ -97,10 +98,11 @@ def read_csv(
         raise PrepError(f"CSV file {path} does not exist")
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         _check_columns(path, next(csv.reader(f, delimiter=delimiter), []), columns)
-    return _csv_records(path, columns, info, images or path.parent, delimiter, label_separator)
+    store = open_image_store(images or path.parent)
+    return _csv_records(path, columns, info, store, delimiter, label_separator)
 
 
-def _csv_records(path, columns, info, images, delimiter, label_separator) -> Iterator[Record | Rejection]:
+def _csv_records(path, columns, info, store, delimiter, label_separator) -> Iterator[Record | Rejection]:
     # surrogateescape keeps reading past bytes that are not UTF-8; only the affected row is rejected.
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
@@ -108,7 +110,7 @@ def _csv_records(path, columns, info, images, delimiter, label_separator) -> Ite
             if None in row.values():
                 yield Rejection(info.name, None, str(path), Reason.MALFORMED_RECORD, "short row", reader.line_num)
                 continue
-            yield _table_record(row, reader.line_num, str(path), columns, info, images, label_separator)
+            yield _table_record(row, reader.line_num, str(path), columns, info, store, label_separator)
 
 
 def read_jsonl(
@@ -120,16 +122,16 @@ def read_jsonl(
     first = next((item for item in read_jsonl_rows(path, info.name) if not isinstance(item, Rejection)), None)
     if first is not None:  # only image and caption: other fields may be missing from some rows
         _check_columns(path, list(first[1]), TableColumns(columns.image, columns.caption))
-    return _jsonl_records(path, columns, info, images or path.parent, label_separator)
+    return _jsonl_records(path, columns, info, open_image_store(images or path.parent), label_separator)
 
 
-def _jsonl_records(path, columns, info, images, label_separator) -> Iterator[Record | Rejection]:
+def _jsonl_records(path, columns, info, store, label_separator) -> Iterator[Record | Rejection]:
     for item in read_jsonl_rows(path, info.name):
         if isinstance(item, Rejection):
             yield item
             continue
         number, row = item
-        yield _table_record(row, number, str(path), columns, info, images, label_separator)
+        yield _table_record(row, number, str(path), columns, info, store, label_separator)
 
 
 def _check_columns(path: Path, fieldnames: list[str], columns: TableColumns) -> None:
@@ -140,7 +142,7 @@ def _check_columns(path: Path, fieldnames: list[str], columns: TableColumns) -> 
 
 
 def _table_record(
-    row: dict[str, Any], line: int, src: str, cols: TableColumns, info: SourceInfo, images: Path, separator: str
+    row: dict[str, Any], line: int, src: str, cols: TableColumns, info: SourceInfo, store: ImageStore, separator: str
 ) -> Record | Rejection:
     name = row.get(cols.image)
     rid = row.get(cols.id) if cols.id else name
@@ -152,7 +154,7 @@ def _table_record(
         detail = f"unknown split {row.get(cols.split)!r}"
         return Rejection(info.name, rid, src, Reason.MALFORMED_RECORD, detail, line)
     try:
-        image = safe_join(images, name.strip())
+        image = store.locate(name.strip())
     except RecordRejected as e:
         return Rejection(info.name, rid, src, e.reason, e.detail, line, split)
     caption = row.get(cols.caption)

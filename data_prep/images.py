@@ -93,8 +93,9 @@ def process_image(image: Any, policy: ImagePolicy) -> EncodedImage | ImageFailur
     """Turn one image input into shard bytes.
 
     Args:
-        image: a file ``Path``, encoded ``bytes``, an :class:`ArrayImage`, or an object whose ``render()`` returns one
-            (rendered inside the worker, so drawing runs in parallel too).
+        image: a file ``Path``, encoded ``bytes``, an archive member with ``read_image_bytes()`` (read inside the
+            worker), an :class:`ArrayImage`, or an object whose ``render()`` returns one (rendered inside the
+            worker, so drawing runs in parallel too).
         policy: size, quality and safety limits.
 
     Returns:
@@ -105,7 +106,12 @@ def process_image(image: Any, policy: ImagePolicy) -> EncodedImage | ImageFailur
             image = image.render()
         if isinstance(image, ArrayImage):
             return _encode_array(image, policy)
-        data = _read_bytes(image) if isinstance(image, Path) else image
+        if isinstance(image, Path):
+            data = _read_bytes(image)
+        elif isinstance(image, bytes):
+            data = image
+        else:
+            data = _read_member(image)
         return _encode_file_bytes(data, policy)
     except _Rejected as e:
         return ImageFailure(e.reason, e.detail)
@@ -118,6 +124,13 @@ def _read_bytes(path: Path) -> bytes:
         raise _Rejected(Reason.MISSING_IMAGE, str(path)) from None
     except OSError as e:
         raise _Rejected(Reason.UNREADABLE_IMAGE, f"{path}: {e}") from None
+
+
+def _read_member(member: Any) -> bytes:
+    try:
+        return member.read_image_bytes()
+    except OSError as e:
+        raise _Rejected(Reason.UNREADABLE_IMAGE, str(e)) from None
 
 
 def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: tuple[int, int] | None = None) -> Image:

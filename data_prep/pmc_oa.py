@@ -2,7 +2,7 @@
 
 Release (Hugging Face ``axiong/pmc_oa``): JSONL rows with ``image`` (file name) and ``caption``, optionally ``pmcid``,
 ``url_name``, ``alignment_type``, ``alignment_score``; split files ``train.jsonl``, ``valid.jsonl``, ``test.jsonl``
-or one ``pmc_oa.jsonl``; images in a folder (``images/`` or the release's
+or one ``pmc_oa.jsonl``; images in a folder or archive (``images/``, ``images.zip`` or the release's
 ``caption_T060_filtered_top4_sep_v0_subfigures/``). Without split files, records are split by a hash of ``pmcid``
 (or of the image's ``PMCxxxx`` prefix) so sub-figures of one article stay together.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_prep.image_store import open_image_store
 from data_prep.records import (
     PrepError,
     Reason,
@@ -20,12 +21,11 @@ from data_prep.records import (
     Rejection,
     hashed_split,
     read_jsonl_rows,
-    safe_join,
 )
 
 SOURCE = "pmc_oa"
 SPLIT_FILES = {"train.jsonl": "train", "valid.jsonl": "val", "test.jsonl": "test"}
-IMAGE_FOLDERS = ("images", "caption_T060_filtered_top4_sep_v0_subfigures")
+IMAGE_FOLDERS = ("images", "caption_T060_filtered_top4_sep_v0_subfigures", "images.zip", "images.tar")
 EXTRAS = ("pmcid", "url_name", "alignment_type", "alignment_score")
 
 
@@ -49,9 +49,9 @@ def find_jsonl_files(root: Path) -> list[tuple[Path, str | None]]:
 
 
 def find_images(root: Path) -> Path:
-    """The image folder next to the records (first of :data:`IMAGE_FOLDERS` that exists)."""
+    """The image folder or archive next to the records (first of :data:`IMAGE_FOLDERS` that exists)."""
     base = root if root.is_dir() else root.parent
-    return next((base / n for n in IMAGE_FOLDERS if (base / n).is_dir()), base / IMAGE_FOLDERS[0])
+    return next((base / n for n in IMAGE_FOLDERS if (base / n).exists()), base / IMAGE_FOLDERS[0])
 
 
 def read_records(
@@ -65,26 +65,27 @@ def read_records(
 
     Args:
         root: the release folder or one JSONL file.
-        images: the image folder; found next to the records by default.
+        images: the image folder, ``.zip`` or ``.tar``; found next to the records by default.
         val_fraction: share of articles put in ``val`` when there are no split files.
         test_fraction: share of articles put in ``test`` when there are no split files.
         seed: seed of the hashed split.
     """
     files = find_jsonl_files(root)  # checked now, before the output folder is touched
-    return _records(files, images or find_images(root), (val_fraction, test_fraction, seed))
+    store = open_image_store(images or find_images(root))
+    return _records(files, store, (val_fraction, test_fraction, seed))
 
 
-def _records(files: list[tuple[Path, str | None]], images: Path, split_args: tuple) -> Iterator[Record | Rejection]:
+def _records(files: list[tuple[Path, str | None]], store, split_args: tuple) -> Iterator[Record | Rejection]:
     for path, split in files:
         for item in read_jsonl_rows(path, SOURCE):
             if isinstance(item, Rejection):
                 yield item
                 continue
             number, row = item
-            yield _record(row, number, str(path), images, split, split_args)
+            yield _record(row, number, str(path), store, split, split_args)
 
 
-def _record(row: dict, number: int, src: str, images: Path, split: str | None, split_args) -> Record | Rejection:
+def _record(row: dict, number: int, src: str, store, split: str | None, split_args) -> Record | Rejection:
     name = row.get("image")
     if not isinstance(name, str) or not name.strip():
         return Rejection(SOURCE, None, src, Reason.MALFORMED_RECORD, "no image field", number, split)
@@ -93,7 +94,7 @@ def _record(row: dict, number: int, src: str, images: Path, split: str | None, s
         val_fraction, test_fraction, seed = split_args
         split = hashed_split(pmcid, seed, val_fraction, test_fraction)
     try:
-        image = safe_join(images, name)
+        image = store.locate(name)
     except RecordRejected as e:
         return Rejection(SOURCE, name, src, e.reason, e.detail, number, split)
     caption = row.get("caption")
