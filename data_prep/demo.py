@@ -14,6 +14,7 @@ seed whatever the number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from data_prep.zeroshot import write_task
 
 SOURCE = "demo"
 LICENCE = "CC0-1.0"
+# Bump when images, captions or the tokenizer change: an existing demo made by another version is then regenerated.
+GENERATOR_VERSION = 2
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 FINDING_TEMPLATES = {
@@ -190,19 +193,29 @@ def export_zeroshot(samples: list[DemoSample], zeroshot_dir: Path) -> dict:
     return {"modality": modality, "nodule": nodule}
 
 
+def _earlier_demo(output: Path) -> dict | None:
+    try:
+        manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("converter", {}).get("name") == "demo" else None
+
+
 def up_to_date(output: Path, converter_options: dict, options: WriteOptions) -> Summary | None:
     """The earlier demo in ``output`` if it is complete and was made with the same options, else ``None``.
 
-    The demo is a pure function of its options, so re-running ``make demo`` can keep it instead of refusing (or
-    needing ``--overwrite``). Completeness: manifest and sizes present, every listed shard there, no ``*.tmp``,
-    tokenizer and zero-shot prompts written.
+    The demo is a pure function of its options (and :data:`GENERATOR_VERSION`), so re-running ``make demo`` keeps
+    it. Completeness: manifest and sizes present, every listed shard there, no ``*.tmp``, tokenizer and zero-shot
+    prompts written.
     """
+    manifest = _earlier_demo(output)
     try:
-        manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
         sizes = json.loads((output / "sizes.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    same = manifest.get("converter") == {"name": "demo", "options": {**converter_options, **options.content_options()}}
+    if manifest is None:
+        return None
+    same = manifest["converter"] == {"name": "demo", "options": {**converter_options, **options.content_options()}}
     same = same and manifest.get("version") == package_version()
     files = [output / name for name in sizes] + [output / "tokenizer" / "tokenizer.json"]
     files += [
@@ -215,7 +228,10 @@ def up_to_date(output: Path, converter_options: dict, options: WriteOptions) -> 
 
 
 def run(output: Path, counts: dict[str, int], image_size: int, options: WriteOptions) -> Summary:
-    """Generate the demo dataset into ``output`` (kept as it is if an identical demo is already there).
+    """Generate the demo dataset into ``output``.
+
+    An identical earlier demo is kept as it is; a different earlier *demo* (other options or generator version) is
+    replaced; any other earlier content is refused unless ``options.overwrite``, like for every converter.
 
     Args:
         output: output folder.
@@ -224,10 +240,14 @@ def run(output: Path, counts: dict[str, int], image_size: int, options: WriteOpt
         options: the common writer options (``seed`` seeds the generation).
     """
     converter_options = {"image_size": image_size, **{f"n_{k}": v for k, v in counts.items()}}
-    if not options.overwrite and (done := up_to_date(output, converter_options, options)) is not None:
-        if not options.quiet:
-            print(f"medclip-prep: {output} already holds this demo (same options), kept", file=sys.stderr)
-        return done
+    converter_options["generator_version"] = GENERATOR_VERSION
+    if not options.overwrite:
+        if (done := up_to_date(output, converter_options, options)) is not None:
+            _note(options, f"{output} already holds this demo (same options), kept")
+            return done
+        if _earlier_demo(output) is not None:
+            _note(options, f"replacing the different demo in {output}")
+            options = dataclasses.replace(options, overwrite=True)
     splits = {split: make_samples(split, n, options.seed, image_size) for split, n in counts.items()}
 
     def finalize(out: Path) -> dict:
@@ -237,3 +257,8 @@ def run(output: Path, counts: dict[str, int], image_size: int, options: WriteOpt
 
     total = sum(counts.values())
     return write_dataset(read_records(splits), output, options, "demo", converter_options, total, finalize)
+
+
+def _note(options: WriteOptions, message: str) -> None:
+    if not options.quiet:
+        print(f"medclip-prep: {message}", file=sys.stderr)

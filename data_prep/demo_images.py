@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 MODALITIES = ("xray", "ct", "mri", "histology")
-SIZES = {"small": 0.055, "large": 0.11}  # nodule radius in normalised units (160 px: about 4 and 9 px)
+# Nodule radius in normalised units: at 160 px about 6 and 12 px, i.e. one and two 16-px ViT patches across.
+SIZES = {"small": 0.075, "large": 0.15}
 
 
 @lru_cache(maxsize=8)
@@ -96,7 +97,7 @@ def _xray(yy, xx, rng, lesion, _size) -> np.ndarray:
     if lesion:
         side, r = lesion
         cx, r = _side_sign(side) * rng.uniform(0.28, 0.44), r * rng.uniform(0.85, 1.15)
-        _add_local(img, yy, xx, rng.uniform(-0.38, 0.25), cx, r, rng.uniform(0.28, 0.36), _blob_shape(r))
+        _add_local(img, yy, xx, rng.uniform(-0.38, 0.25), cx, r, rng.uniform(0.36, 0.44), _blob_shape(r))
     return _finish(img, rng, 0.03)
 
 
@@ -119,7 +120,7 @@ def _ct(yy, xx, rng, lesion, _size) -> np.ndarray:
     img = np.maximum(img, 0.85 * _ellipse(yy, xx, 0.66, 0, 0.06, 0.035, 0.2))  # spinous process
     if lesion:
         side, r = lesion
-        cx, r = _side_sign(side) * rng.uniform(0.32, 0.52), r * rng.uniform(0.85, 1.15)
+        cx, r = _side_sign(side) * rng.uniform(0.38, 0.55), r * rng.uniform(0.85, 1.15)
         _add_local(img, yy, xx, rng.uniform(-0.3, 0.2), cx, r, rng.uniform(0.45, 0.55), _blob_shape(r))
     return _finish(img, rng, 0.025)
 
@@ -159,9 +160,9 @@ def _histology(yy, xx, rng, lesion, size) -> np.ndarray:
     img = _stain(img, nuclei, np.array([0.4, 0.22, 0.58], np.float32))
     if lesion:
         side, r = lesion
-        radius = 0.18 if r < 0.08 else 0.32
+        radius = 0.18 if r < 0.1 else 0.32
         cx, cy = _side_sign(side, radiological=False) * rng.uniform(0.35, 0.55), rng.uniform(-0.45, 0.45)
-        count = int(rng.integers(35, 45) if r < 0.08 else rng.integers(100, 120))
+        count = int(rng.integers(35, 45) if r < 0.1 else rng.integers(100, 120))
         atypical = _nuclei(
             rng,
             size,

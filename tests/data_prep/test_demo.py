@@ -106,16 +106,20 @@ def test_demo_is_deterministic_for_a_seed(tmp_path, run_cli):
     assert (runs["a"] / png).read_bytes() == (runs["b"] / png).read_bytes()
 
 
-def test_demo_rerun_keeps_an_identical_demo_and_refuses_a_different_one(tmp_path, run_cli):
+def test_demo_rerun_keeps_an_identical_demo_and_replaces_a_different_one(tmp_path, run_cli):
     out = tmp_path / "demo"
     assert run_cli("demo", "--output", out, *SMALL)[0] == 0
-    before = (out / "train-000000.tar").stat().st_mtime_ns
+    before = (out / "train-000000.tar").read_bytes()
+    mtime = (out / "train-000000.tar").stat().st_mtime_ns
     code, stdout, _ = run_cli("demo", "--output", out, *SMALL)  # what a second `make demo` does
     assert code == 0 and "written=72 rejected=0 read=72" in stdout
-    assert (out / "train-000000.tar").stat().st_mtime_ns == before
-    code, _, err = run_cli("demo", "--output", out, *SMALL, "--seed", "3")
+    assert (out / "train-000000.tar").stat().st_mtime_ns == mtime
+    code, _, _ = run_cli("demo", "--output", out, *SMALL, "--seed", "3")  # another demo: replaced
+    assert code == 0 and (out / "train-000000.tar").read_bytes() != before
+    check_accounting(out)
+    # An interrupted demo (no manifest) or another conversion is not replaced without --overwrite.
+    (out / "manifest.json").unlink()
+    code, _, err = run_cli("demo", "--output", out, *SMALL)
     assert code == 2 and "--overwrite" in err
-    (out / "zeroshot" / "nodule" / "prompts.json").unlink()  # incomplete: regenerated with --overwrite only
-    assert run_cli("demo", "--output", out, *SMALL)[0] == 2
     assert run_cli("demo", "--output", out, *SMALL, "--overwrite")[0] == 0
     check_accounting(out)
