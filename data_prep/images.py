@@ -115,6 +115,10 @@ def process_image(image: Any, policy: ImagePolicy) -> EncodedImage | ImageFailur
         return _encode_file_bytes(data, policy)
     except _Rejected as e:
         return ImageFailure(e.reason, e.detail)
+    except Exception as e:
+        # Decoders of untrusted files can fail in ways no list of exceptions foresees (a plugin's KeyError, a
+        # TIFF tag TypeError): one such file is rejected with the error as detail, the conversion goes on.
+        return ImageFailure(Reason.UNREADABLE_IMAGE, f"{type(e).__name__}: {e}")
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -127,3 +127,12 @@ def test_content_hash_ignores_container():
     a = process_image(png_bytes(Image.fromarray(pixels)), ImagePolicy(content_hash=True))
     b = process_image(ArrayImage(pixels, "png"), ImagePolicy(content_hash=True))
     assert a.content_hash == b.content_hash is not None
+
+
+def test_unexpected_decoder_errors_become_a_reason():
+    class Exploding:
+        def read_image_bytes(self):
+            raise KeyError("a plugin bug")
+
+    result = process_image(Exploding(), ImagePolicy())
+    assert isinstance(result, ImageFailure) and result.reason == Reason.UNREADABLE_IMAGE and "KeyError" in result.detail
