@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if isinstance(result, Summary):
         print(result.line())
+        if result.read and not result.written:
+            top = max(result.rejected_by_reason, key=result.rejected_by_reason.get)
+            hint = " (are the images downloaded and --images right?)" if top == "missing_image" else ""
+            print(f"medclip-prep: warning: nothing written, every record rejected, mostly {top}{hint}", file=sys.stderr)
         return 0
     return result
 
