@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.images import ArrayImage, EncodedImage, ImageFailure, ImagePolicy, fit_size, process_image
+from data_prep.images import ArrayImage, EncodedImage, ImageFailure, ImagePolicy, fit_size, process_image, to_8bit
 from data_prep.records import Reason
 from tests.data_prep.conftest import jpeg_bytes, png_bytes
 
@@ -80,6 +80,8 @@ def test_16bit_png_is_windowed_by_its_real_range():
     # JPEG is lossy: the extremes land near 0 and 255 (dividing by 256 would give 4..12).
     assert out.min() <= 3 and out.max() >= 252
     assert result.original_mode.startswith("I;16")
+    exact = np.asarray(to_8bit(Image.open(io.BytesIO(png_bytes(im16)))))  # before the lossy JPEG encode
+    assert exact.min() == 0 and exact.max() == 255 and exact[0, 0] == 0 and exact[-1, -1] == 255
 
 
 def test_16bit_array_windowing_is_exact():
