@@ -35,6 +35,14 @@ def _common_parser() -> argparse.ArgumentParser:
     return common
 
 
+def _add_input(p: argparse.ArgumentParser, help: str) -> None:
+    """The input, as a positional argument or as ``--input`` (both spellings are in use)."""
+    p.add_argument("input", type=Path, nargs="?", help=help)
+    p.add_argument(
+        "--input", "-i", type=Path, dest="input_option", metavar="INPUT", help="same as the positional input"
+    )
+
+
 def _add_fractions(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.0, help="share hashed into val when there is no split")
     p.add_argument("--test-fraction", type=float, default=0.0, help="share hashed into test when there is no split")
@@ -67,23 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     common = [_common_parser()]
 
     p = sub.add_parser("roco", parents=common, help="ROCO v1 (GitHub data/ folder or Kaggle CSVs)")
-    p.add_argument("input", type=Path, help="repository root, its data/ folder, or Kaggle all_data/")
+    _add_input(p, "repository root, its data/ folder, or Kaggle all_data/")
     p.add_argument("--images-subdir", default="images", help="image folder inside each <split>/<class>/")
     p.set_defaults(run=_run_roco)
 
     p = sub.add_parser("rocov2", parents=common, help="ROCOv2 ({split}_captions.csv, concepts, images)")
-    p.add_argument("input", type=Path, help="folder with {train,valid,test}_captions.csv")
+    _add_input(p, "folder with {train,valid,test}_captions.csv")
     p.add_argument("--images", type=Path, default=None, help="folder holding {train,valid,test}/ (default: input)")
     p.set_defaults(run=_run_rocov2)
 
     p = sub.add_parser("medicat", parents=common, help="MedICaT jsonl + figures/")
-    p.add_argument("input", type=Path, help="release folder or the jsonl file")
+    _add_input(p, "release folder or the jsonl file")
     p.add_argument("--figures", type=Path, default=None, help="figures folder (default: figures/ next to the jsonl)")
     _add_fractions(p)
     p.set_defaults(run=_run_medicat)
 
     p = sub.add_parser("pmc-oa", parents=common, help="PMC-OA jsonl + image folder")
-    p.add_argument("input", type=Path, help="release folder or one jsonl file")
+    _add_input(p, "release folder or one jsonl file")
     p.add_argument(
         "--images", type=Path, default=None, help="image folder, .zip or .tar (default: found next to the jsonl)"
     )
@@ -91,25 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_pmc_oa)
 
     p = sub.add_parser("csv", parents=common, help="generic CSV table of image paths and captions")
-    p.add_argument("input", type=Path, help="the CSV file")
+    _add_input(p, "the CSV file")
     p.add_argument("--delimiter", default=",", help="field delimiter (default ,)")
     _add_table_columns(p)
     p.set_defaults(run=_run_table, reader="csv")
 
     p = sub.add_parser("jsonl", parents=common, help="generic JSONL table of image paths and captions")
-    p.add_argument("input", type=Path, help="the JSONL file")
+    _add_input(p, "the JSONL file")
     _add_table_columns(p)
     p.set_defaults(run=_run_table, reader="jsonl")
 
     p = sub.add_parser("imagefolder", parents=common, help="root/<class>/* images with caption templates")
-    p.add_argument("input", type=Path, help="root folder (root/<class>/* or root/<split>/<class>/*)")
-    p.add_argument("--template", action="append", default=None, help="caption template with {label}; repeatable")
+    _add_input(p, "root folder (root/<class>/* or root/<split>/<class>/*)")
+    p.add_argument("--template", action="append", default=None, help="caption template with {c}; repeatable")
     p.add_argument("--class-name", action="append", default=[], metavar="FOLDER=NAME", help="display name; repeatable")
     _add_source_info(p, "imagefolder")
     p.set_defaults(run=_run_imagefolder)
 
     p = sub.add_parser("medmnist", parents=common, help="MedMNIST v2 .npz (+ zero-shot folder of the test split)")
-    p.add_argument("input", type=Path, help="the .npz file (breastmnist.npz, pathmnist_224.npz, ...)")
+    _add_input(p, "the .npz file (breastmnist.npz, pathmnist_224.npz, ...)")
     p.add_argument("--subset", default=None, help="subset name when the file name does not say it")
     p.add_argument("--no-zeroshot", action="store_true", help="do not export OUT/zeroshot/<subset>/")
     p.set_defaults(run=_run_medmnist)
@@ -248,7 +256,14 @@ def _str(path: Path | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``medclip-prep``; returns the exit code (0 ok, 1 ``inspect`` found problems, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "input_option"):
+        if args.input is not None and args.input_option is not None and args.input != args.input_option:
+            parser.error("give the input once, as a positional argument or as --input")
+        args.input = args.input or args.input_option
+        if args.input is None:
+            parser.error(f"{args.command}: the input (a positional argument or --input) is required")
     run: Callable = args.run
     try:
         result = run(args)

@@ -3,8 +3,9 @@
 - table (CSV/JSONL): one row per image, with an image path column and a caption column (names given by flags);
   optional id, split, labels and modality columns. Image paths are relative to ``--images`` (a folder, ``.zip`` or
   ``.tar``; default: the table's folder); absolute paths and ``..`` are refused.
-- image folder: ``root/<class>/*`` (or ``root/{train,val,test}/<class>/*``); captions from templates with ``{label}``
-  replaced by the class's display name; labels ``["<source>:<class>"]``.
+- image folder: ``root/<class>/*`` (or ``root/{train,val,test}/<class>/*``); captions from templates with ``{c}``
+  (CLIP_benchmark's placeholder; ``{label}`` also works) replaced by the class's display name; labels
+  ``["<source>:<class>"]``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ SPLIT_NAMES = {
     "testing": "test",
 }
 ImageStore = FolderStore | ArchiveStore
-DEFAULT_TEMPLATES = ("an image of {label}.", "a medical image showing {label}.", "{label}.")
+DEFAULT_TEMPLATES = ("an image of {c}.", "a medical image showing {c}.", "{c}.")
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ def read_image_folder(
     Args:
         root: the image folder.
         info: source name, modality, licence, split fractions and seed.
-        templates: caption templates; ``{label}`` is replaced by the class's display name. One is picked per image
-            from a hash of its path and the seed, so captions do not depend on file order.
+        templates: caption templates; ``{c}`` (or ``{label}``) is replaced by the class's display name. One is
+            picked per image from a hash of its path and the seed, so captions do not depend on file order.
         class_names: display names by class folder; default: folder name with ``_``/``-`` read as spaces.
     """
     if not root.is_dir():
@@ -232,7 +233,7 @@ def _read_classes(folder, root, info, templates, class_names, split) -> Iterator
                 yield Rejection(info.name, rel, str(path), Reason.UNSUPPORTED_FILE, "not an image suffix", None, split)
                 continue
             template = templates[int(short_hash(f"{info.seed}:{rel}"), 16) % len(templates)]
-            caption = template.replace("{label}", display)
+            caption = template.replace("{c}", display).replace("{label}", display)
             meta = {"modality": info.modality, "cuis": [], "labels": [f"{info.name}:{cls}"], "licence": info.licence}
             meta["class_name"] = display
             yield Record(info.name, rel, record_split, caption, path, str(path), meta)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from data_prep.cli import main
+from tests.data_prep.readback import read_samples
 
 
 @pytest.mark.parametrize("command", ["roco", "rocov2", "medicat", "pmc-oa", "imagefolder", "medmnist"])
@@ -47,3 +49,15 @@ def test_inspect_reports_counts_and_problems(tmp_path, run_cli):
     (out / "train-000003.tar.tmp").write_bytes(b"partial")
     code, report, _ = run_cli("inspect", out)
     assert code == 1 and "INCOMPLETE" in report and "train-000003.tar.tmp" in report and "sizes.json" in report
+
+
+def test_input_as_option_and_c_placeholder(tmp_path, run_cli):
+    (tmp_path / "root" / "benign").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "root" / "benign" / "a.png")
+    code, out, _ = run_cli("imagefolder", "--input", tmp_path / "root", "--output", tmp_path / "out",
+                           "--template", "an ultrasound image of {c}")  # fmt: skip
+    assert code == 0 and "written=1" in out
+    assert read_samples(tmp_path / "out")[0]["txt"] == "an ultrasound image of benign"
+    with pytest.raises(SystemExit) as e:
+        main(["imagefolder", "--output", str(tmp_path / "o2")])  # no input at all
+    assert e.value.code == 2
