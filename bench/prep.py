@@ -60,9 +60,19 @@ def convert(images: Path, output: Path, workers: int, max_side: int) -> tuple[fl
     return time.perf_counter() - start, summary.written
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_avg_1m_before": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
