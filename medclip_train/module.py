@@ -194,7 +194,11 @@ class CLIPModule(L.LightningModule):
         n = batch["image"].shape[0] * self.trainer.world_size
         self.samples_seen += n
         if "skipped" in batch:
-            self.skipped_samples += batch["skipped"].to(self.skipped_samples.device).sum()
+            skipped = batch["skipped"].to(self.skipped_samples.device).sum().reshape(1)
+            if self.trainer.world_size > 1:
+                # Summed over ranks, like samples_seen: the summary and the checkpoint are written by rank 0.
+                skipped = self.all_gather(skipped)
+            self.skipped_samples += skipped.sum()
         self.log("train/loss", loss, prog_bar=True)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value)
