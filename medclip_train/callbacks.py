@@ -69,8 +69,10 @@ class RunSummary(L.Callback):
         # on_fit_end runs after every callback's on_train_end, so the final evaluation is in by now.
         metrics = trainer.callback_metrics
         eval_metrics = {k: _scalar(v) for k, v in metrics.items() if k.startswith("eval/")}
+        eval_before = {}
         for cb in trainer.callbacks:
             eval_metrics.update({f"eval/{k}": v for k, v in getattr(cb, "last_metrics", {}).items()})
+            eval_before.update({f"eval/{k}": v for k, v in getattr(cb, "start_metrics", {}).items()})
         summary = {
             "steps": trainer.global_step,
             "steps_this_run": trainer.global_step - self.first_step,
@@ -86,6 +88,7 @@ class RunSummary(L.Callback):
             "world_size": trainer.world_size,
             "precision": str(trainer.precision),
             "eval": eval_metrics,
+            "eval_before": eval_before,
         }
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, self.filename), "w", encoding="utf-8") as f:
@@ -149,6 +152,7 @@ class EvalCallback(L.Callback):
         zeroshot_tasks: list[str] | None = None,
         retrieval_shards: str | None = None,
         every_n_steps: int = 0,
+        at_start: bool = False,
         at_end: bool = True,
         max_samples: int | None = 1000,
         batch_size: int = 64,
@@ -156,7 +160,9 @@ class EvalCallback(L.Callback):
         self.zeroshot_tasks = list(zeroshot_tasks or [])
         self.retrieval_shards = retrieval_shards
         self.every_n_steps = every_n_steps
+        self.at_start = at_start
         self.at_end = at_end
+        self.start_metrics: dict[str, float] = {}
         self.max_samples = max_samples
         self.batch_size = batch_size
         self.last_metrics: dict[str, float] = {}
@@ -193,6 +199,13 @@ class EvalCallback(L.Callback):
                 pl_module.log(f"eval/{name}", float(value), rank_zero_only=True)
         if trainer.logger is not None and metrics:
             trainer.logger.log_metrics({f"eval/{k}": float(v) for k, v in metrics.items()}, step=trainer.global_step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Fine-tuning reports zero-shot before and after: the "before" figures land in summary.json too.
+        if self.at_start:
+            with torch.no_grad():
+                self._run(trainer, pl_module, log=False)
+            self.start_metrics, self.last_metrics = self.last_metrics, {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -16,6 +17,17 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from medclip_train.callbacks import AtomicCheckpointIO, CheckpointOnSigterm, EvalCallback, RunSummary
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.module import CLIPModule
+
+# Lightning warnings that do not apply here, silenced so that the ones that do stay visible:
+# our IterableDataset's __len__ is exact per worker (see data/plan.py); checkpoints after the optimiser step are
+# what we want with manual optimisation; the pytree deprecation is internal to Lightning.
+for _message in (
+    r".*`IterableDataset` has `__len__` defined.*",
+    r".*Using ModelCheckpoint with manual optimization.*",
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*litlogger.*",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 class MedCLIPCLI(LightningCLI):
