@@ -149,8 +149,7 @@ def probe_classes(opened: dict, encoded: dict) -> list[str]:
 
 
 def probe_arrays(data, encoded, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    data.classes = classes  # shards: map every split's labels onto the same class list
-    labelled = data.targets(encoded.metas)
+    labelled = data.targets(encoded.metas, classes)
     if labelled.multilabel:
         raise EvalInputError(f"{data.name}: the linear probe supports single-label data only")
     return encoded.features[torch.as_tensor(labelled.indices)].numpy(), labelled.targets

@@ -174,10 +174,16 @@ class ClassificationData:
     prompts: PromptSet | None
     label_prefix: str | None = None
 
-    def targets(self, metas: list) -> LabelledTargets:
-        """Class targets of the encoded samples (same order), and which samples they are."""
+    def targets(self, metas: list, classes: list[str] | None = None) -> LabelledTargets:
+        """Class targets of the encoded samples (same order), and which samples they are.
+
+        Args:
+            metas: the ``metas`` of the encoded samples.
+            classes: project shards only: the class list to map labels onto (default: ``self.classes``, else the
+                sorted labels found), so that several splits share one.
+        """
         if self.source.kind == "project":
-            return _targets_from_labels(metas, self.classes, self.label_prefix or "")
+            return _targets_from_labels(metas, classes or self.classes, self.label_prefix or "")
         if metas and isinstance(metas[0], list):  # CLIP_benchmark multi-hot
             return LabelledTargets(np.arange(len(metas)), np.asarray(metas, dtype=np.int64), True, list(self.classes))
         return LabelledTargets(np.arange(len(metas)), np.asarray(metas, dtype=np.int64), False, list(self.classes))
@@ -203,6 +209,8 @@ def _targets_from_labels(metas: list[dict], classes: list[str] | None, prefix: s
     index = {c: i for i, c in enumerate(classes)}
     per_sample = [[index[c] for c in labels if c in index] for labels in per_sample]
     keep = np.array([i for i, labels in enumerate(per_sample) if labels], dtype=np.int64)
+    if not len(keep):
+        raise EvalInputError(f"--label-prefix {prefix!r}: no sample has a label of the classes {classes}")
     multilabel = any(len(labels) > 1 for labels in per_sample)
     if multilabel:
         targets = np.zeros((len(keep), len(classes)), dtype=np.int64)

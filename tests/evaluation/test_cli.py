@@ -139,3 +139,14 @@ def test_bad_input_exits_2_with_one_clear_message(image_folder, tmp_path, capsys
     assert message in err and "Traceback" not in err and err.count("\n") == 1
     if case in ("no_placeholder", "unknown_class"):
         assert "prompts.json" in err
+
+
+def test_linear_probe_on_shards_shares_classes_across_splits(tmp_path):
+    train = write_project_shards(tmp_path / "d", n=16, split="train", seed=1)
+    test = write_project_shards(tmp_path / "d", n=8, split="test", seed=2)
+    out = tmp_path / "out"
+    args = ["linear-probe", "--model", "m", "--train", train, "--test", test, "--label-prefix", "finding:"]
+    assert run([*args, "--output", str(out), "--k-shot", "2"]) == 0
+    result = json.loads((out / "linear_probe.json").read_text())["finding"]
+    assert [row["class"] for row in result["per_class"]] == ["f0", "f1", "f2"]
+    assert result["n_train"] == 6 and result["k_shot"] == 2 and result["n"] == 8
