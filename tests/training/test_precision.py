@@ -1,0 +1,83 @@
+"""bf16 mixed precision on CPU trains; non-finite steps are skipped and counted, and repeated ones stop the run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medclip_train.config import ModelConfig
+from medclip_train.data.datamodule import WebDataModule
+from medclip_train.module import CLIPModule, NonFiniteLossError
+from tests.training.conftest import (
+    InitialWeights,
+    NaNLoss,
+    callback_arg,
+    fit_args,
+    read_metrics,
+    read_summary,
+    run_cli,
+)
+
+
+def find_callback(cli, cls):
+    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, cls))
+
+
+def fixed_batch_loss(module: CLIPModule, state: dict, batch: dict) -> float:
+    """The contrastive loss of ``state`` on ``batch``, in fp32 and eval mode."""
+    module.model.load_state_dict(state)
+    module.model.eval()
+    with torch.no_grad():
+        out = module.model(batch["image"], batch["text"])
+        return float(module.loss(out["image_features"], out["text_features"], out["logit_scale"]))
+
+
+def test_bf16_mixed_on_cpu_trains(tmp_path, shards, tok):
+    pattern = shards([8, 8])
+    root = tmp_path / "run"
+    options = "--trainer.precision bf16-mixed --trainer.max_steps 20 --checkpoint.every_n_train_steps 100".split()
+    options += "--model.optim.lr 1e-3 --model.optim.schedule constant --model.optim.warmup_steps 4".split()
+    keep_initial = ("--trainer.callbacks+", callback_arg(InitialWeights))
+    cli = run_cli(fit_args(tok, pattern, root, *options, *keep_initial))
+    summary = read_summary(root)
+    assert summary["precision"] == "bf16-mixed" and summary["steps"] == 20 and summary["skipped_steps"] == 0
+    losses = [float(row["train/loss"]) for row in read_metrics(root)]
+    assert all(math.isfinite(v) for v in losses)
+
+    # Before and after, in fp32 on the 16 training samples.
+    module = CLIPModule(ModelConfig(preset="tiny", tokenizer=str(tok)))
+    dm = WebDataModule(train=pattern, batch_size=16, num_workers=0, shuffle_buffer=0)
+    module.configure_data(dm)
+    loader = dm.train_dataloader()
+    loader.dataset.spec.shuffle = False
+    batch = next(iter(loader))
+    before = fixed_batch_loss(module, find_callback(cli, InitialWeights).state, batch)
+    after = fixed_batch_loss(module, cli.model.model.state_dict(), batch)
+    assert after < 0.85 * before, (before, after)
+
+
+def test_a_nan_step_is_skipped_counted_and_leaves_the_weights_alone(tmp_path, shards, tok):
+    root = tmp_path / "run"
+    options = "--trainer.precision bf16-mixed --trainer.max_steps 6".split()
+    cli = run_cli(fit_args(tok, shards([16]), root, *options, "--trainer.callbacks+", callback_arg(NaNLoss, steps=[3])))
+    summary = read_summary(root)
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    assert math.isfinite(summary["final_loss"])
+    # The poisoned step changed nothing, not even AdamW's moments; every other step did change the weights.
+    assert find_callback(cli, NaNLoss).unchanged == {0: False, 1: False, 2: False, 3: True, 4: False, 5: False}
+    rows = read_metrics(root, "train/skipped_steps")
+    assert [float(r["train/skipped_steps"]) for r in rows] == [0, 0, 0, 1, 1, 1]
+
+
+def test_repeated_nan_steps_stop_the_run_with_advice(tmp_path, shards, tok):
+    root = tmp_path / "run"
+    options = "--trainer.max_steps 20 --model.max_consecutive_skips 3".split()
+    with pytest.raises(NonFiniteLossError) as err:
+        run_cli(fit_args(tok, shards([16]), root, *options, "--trainer.callbacks+", callback_arg(NaNLoss)))
+    message = str(err.value)
+    assert message.startswith("3 consecutive steps had a non-finite loss")
+    for advice in ("bf16-mixed", "model.optim.lr", "warmup_steps", "model.grad_clip_norm"):
+        assert advice in message
+    assert len(read_metrics(root)) <= 3, "the run stopped at the third skip"
