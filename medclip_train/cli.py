@@ -26,6 +26,8 @@ for _message in (
     r".*Using ModelCheckpoint with manual optimization.*",
     r".*isinstance\(treespec, LeafSpec\).*",
     r".*litlogger.*",
+    r".*Previous log files in this directory will be deleted.*",  # metrics.csv is moved aside on resume
+    r".*Total length of `list` across ranks is zero.*",  # no validation set configured
 ):
     warnings.filterwarnings("ignore", message=_message)
 
@@ -59,6 +61,8 @@ class MedCLIPCLI(LightningCLI):
             WebDataModule(**(data.as_dict() if hasattr(data, "as_dict") else dict(data)))
         if cfg["checkpoint"].get("dirpath") is None:
             cfg["checkpoint"]["dirpath"] = root
+        if cfg.get("ckpt_path"):
+            _keep_previous_metrics(root)
         if trainer.get("logger") in (None, True):
             trainer["logger"] = [
                 {
@@ -96,6 +100,17 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MedCLIPCLI:
             raise
         print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _keep_previous_metrics(root: str) -> None:
+    """On resume, move the earlier ``metrics.csv`` aside (Lightning's CSV logger would overwrite it)."""
+    path = os.path.join(root, "metrics.csv")
+    if not os.path.isfile(path):
+        return
+    n = 1
+    while os.path.exists(os.path.join(root, f"metrics.part{n}.csv")):
+        n += 1
+    os.replace(path, os.path.join(root, f"metrics.part{n}.csv"))
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import signal
 import time
 
@@ -84,6 +86,10 @@ def test_sigkill_then_resume_finishes_the_planned_run(tmp_path, shards, tok):
     expected = LR * lr_lambda(OptimConfig(lr=LR, warmup_steps=WARMUP), MAX_STEPS)(resumed_from)
     assert float(rows[0]["train/lr"]) == pytest.approx(expected, rel=1e-6)
     assert len(rows) == MAX_STEPS - resumed_from
+    # Nothing lost: the killed part's metrics were moved aside, not overwritten.
+    with open(root / "metrics.part1.csv", newline="") as f:
+        earlier = [row for row in csv.DictReader(f) if row.get("train/lr")]
+    assert [int(r["step"]) for r in earlier][: resumed_from] == list(range(resumed_from))
 
     # The stream continues: the resumed run trains on exactly the samples of the epoch not yet trained on.
     consumed = [k for rec in first_run if rec["step"] <= resumed_from for k in rec["keys"]]
