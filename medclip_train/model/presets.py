@@ -25,49 +25,35 @@ _OPENAI_PREPROCESS = {
     "resize_mode": "shortest",
 }
 
+def _vit_pubmedbert(timm_name: str) -> dict:
+    """A timm ViT with BiomedCLIP's text side: PubMedBERT, CLS of the last hidden state, MLP projection, ctx 256."""
+    return {
+        "model_cfg": {
+            "embed_dim": 512,
+            "vision_cfg": {
+                "timm_model_name": timm_name,
+                "timm_model_pretrained": False,
+                "timm_pool": "",
+                "timm_proj": "linear",
+                "image_size": 224,
+            },
+            "text_cfg": {
+                "hf_model_name": PUBMEDBERT,
+                "hf_tokenizer_name": PUBMEDBERT,
+                "hf_proj_type": "mlp",
+                "hf_pooler_type": "cls_last_hidden_state_pooler",
+                "context_length": 256,
+            },
+        },
+        "preprocess_cfg": _OPENAI_PREPROCESS,
+    }
+
+
 PRESETS: dict[str, dict] = {
     # BiomedCLIP (Zhang et al. 2023): the architecture of microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224.
-    "biomedclip_vit_b16_pubmedbert256": {
-        "model_cfg": {
-            "embed_dim": 512,
-            "vision_cfg": {
-                "timm_model_name": "vit_base_patch16_224",
-                "timm_model_pretrained": False,
-                "timm_pool": "",
-                "timm_proj": "linear",
-                "image_size": 224,
-            },
-            "text_cfg": {
-                "hf_model_name": PUBMEDBERT,
-                "hf_tokenizer_name": PUBMEDBERT,
-                "hf_proj_type": "mlp",
-                "hf_pooler_type": "cls_last_hidden_state_pooler",
-                "context_length": 256,
-            },
-        },
-        "preprocess_cfg": _OPENAI_PREPROCESS,
-    },
+    "biomedclip_vit_b16_pubmedbert256": _vit_pubmedbert("vit_base_patch16_224"),
     # Mid-size: ViT-S/16 with the same PubMedBERT text tower (about a third of ViT-B's image FLOPs).
-    "vit_s16_pubmedbert256": {
-        "model_cfg": {
-            "embed_dim": 512,
-            "vision_cfg": {
-                "timm_model_name": "vit_small_patch16_224",
-                "timm_model_pretrained": False,
-                "timm_pool": "",
-                "timm_proj": "linear",
-                "image_size": 224,
-            },
-            "text_cfg": {
-                "hf_model_name": PUBMEDBERT,
-                "hf_tokenizer_name": PUBMEDBERT,
-                "hf_proj_type": "mlp",
-                "hf_pooler_type": "cls_last_hidden_state_pooler",
-                "context_length": 256,
-            },
-        },
-        "preprocess_cfg": _OPENAI_PREPROCESS,
-    },
+    "vit_s16_pubmedbert256": _vit_pubmedbert("vit_small_patch16_224"),
     # The CPU benchmark config of bench/: vit_tiny at 224 px, 4-layer 256-wide BERT, context 128, embed 256.
     "bench_cpu_vit_tiny_bert_mini": {
         "model_cfg": {
