@@ -40,13 +40,13 @@ class CLIPModule(L.LightningModule):
         max_consecutive_skips: int = 10,
     ):
         """Args:
-            clip: the CLIP model (preset, towers, weights, locking).
-            loss: the objective (InfoNCE, semantic matching weight, SigLIP).
-            optim: AdamW and schedule.
-            accumulation_steps: exact contrastive accumulation: the data batch is split into this many
-                micro-batches for memory, and the update equals one step on the whole batch.
-            grad_clip_norm: clip the global gradient norm (0 disables).
-            max_consecutive_skips: stop after this many consecutive non-finite steps.
+        clip: the CLIP model (preset, towers, weights, locking).
+        loss: the objective (InfoNCE, semantic matching weight, SigLIP).
+        optim: AdamW and schedule.
+        accumulation_steps: exact contrastive accumulation: the data batch is split into this many
+            micro-batches for memory, and the update equals one step on the whole batch.
+        grad_clip_norm: clip the global gradient norm (0 disables).
+        max_consecutive_skips: stop after this many consecutive non-finite steps.
         """
         super().__init__()
         clip, loss, optim = clip or ModelConfig(), loss or LossConfig(), optim or OptimConfig()
@@ -121,8 +121,7 @@ class CLIPModule(L.LightningModule):
                 rng_states.append(_rng_state(ic.device))
                 feats.append(self.model(ic, tc))
         cached = {
-            key: torch.cat([f[key] for f in feats]).requires_grad_()
-            for key in ("image_features", "text_features")
+            key: torch.cat([f[key] for f in feats]).requires_grad_() for key in ("image_features", "text_features")
         }
         cached["logit_scale"] = feats[0]["logit_scale"].detach().requires_grad_()
         if "logit_bias" in feats[0]:
@@ -214,14 +213,14 @@ class CLIPModule(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "on_train_epoch_done"):
             datamodule.on_train_epoch_done()
 
-    # ---- validation ----------------------------------------------------------------------------------------------------
+    # ---- validation -------------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(batch["image"], batch["text"])
         loss, _ = self._loss(out, batch.get("labels"))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
         return loss
 
-    # ---- optimiser -----------------------------------------------------------------------------------------------------
+    # ---- optimiser --------------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         total = self.trainer.max_steps
         if total is None or total < 0:

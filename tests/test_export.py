@@ -15,7 +15,6 @@ from PIL import Image
 
 from medclip_train.config import ModelConfig
 from medclip_train.export import export_checkpoint
-from medclip_train.model.factory import build_model
 from medclip_train.module import CLIPModule
 
 CAPTIONS = ["chest x-ray with a nodule", "axial ct of the abdomen", "mri of the brain"]
@@ -66,7 +65,11 @@ def test_export_loads_in_open_clip_without_the_project(tmp_path, tiny_tokenizer_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "-c", LOAD_WITH_OPEN_CLIP, str(folder), str(tmp_path / "images.npy"), json.dumps(CAPTIONS)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = json.loads(result.stdout.strip().splitlines()[-1])
@@ -99,8 +102,10 @@ def test_open_clip_folder_is_imported_and_training_starts_from_it(tmp_path, tiny
     folder = tmp_path / "openclip_dir"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v
-                                                         for k, v in preprocess_cfg.items()}}
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()},
+    }
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     open_clip.create_model_from_pretrained(f"local-dir:{folder}")  # open_clip accepts the folder
 
@@ -111,14 +116,21 @@ def test_open_clip_folder_is_imported_and_training_starts_from_it(tmp_path, tiny
         assert torch.equal(own[name], value), f"{name} not loaded"
 
     # Training starts from those weights: one optimiser step moves them only a little.
-    from tests.shardkit import make_shards, shard_pattern
     from medclip_train.data.datamodule import WebDataModule
+    from tests.shardkit import make_shards, shard_pattern
 
     shards = make_shards(tmp_path / "shards", [8], image_size=64)
     dm = WebDataModule(train=shard_pattern(shards), batch_size=8, num_workers=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
-    moved = max((module.model.state_dict()[k].float() - v.float()).abs().max().item()
-                for k, v in source.state_dict().items())
+    moved = max(
+        (module.model.state_dict()[k].float() - v.float()).abs().max().item() for k, v in source.state_dict().items()
+    )
     assert 0 < moved < 0.05

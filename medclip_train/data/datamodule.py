@@ -3,12 +3,12 @@
 Resume guarantee: the module's ``state_dict`` (saved in every Lightning checkpoint) holds the epoch and the
 number of batches this rank has consumed in it. Exact mode: a resumed run rebuilds the same epoch plan and each
 worker skips the raw samples it had already delivered (read, not decoded), so the rest of the epoch is exactly the
-batches not yet trained on, sample for sample (the DataLoader may interleave its workers' batches in another order). Resampled mode: the remaining batches of the virtual epoch are drawn with a new random
-stream (the restart count enters the seed), so the samples already trained on are not replayed in the same order.
+batches not yet trained on, sample for sample (the DataLoader may interleave its workers' batches in another order).
+Resampled mode: the remaining batches of the virtual epoch are drawn with a new random stream (the restart count
+enters the seed), so the samples already trained on are not replayed in the same order.
 """
 
 from __future__ import annotations
-
 
 import lightning as L
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
@@ -67,15 +67,15 @@ class WebDataModule(L.LightningDataModule):
         prefetch_factor: int = 4,
     ):
         """Args:
-            train: training sources, each a shard pattern with a mixing weight (a plain pattern string is one
-                source of weight 1).
-            val: shard pattern of the held-out set (validation loss and retrieval).
-            batch_size: per-rank batch size (with exact accumulation, the whole accumulated batch).
-            epoch_mode: ``exact`` (each sample once per epoch, counts from ``sizes.json``) or ``resampled``
-                (weighted shard sampling with replacement, virtual epochs of ``samples_per_epoch``).
-            label_top_k: size of the label/CUI vocabulary for the semantic matching loss (0: no labels).
-            train_scale: RandomResizedCrop scale range (BiomedCLIP/open_clip use (0.9, 1.0)).
-            max_skip_fraction: stop with an error naming the shard when more samples than this are bad.
+        train: training sources, each a shard pattern with a mixing weight (a plain pattern string is one
+            source of weight 1).
+        val: shard pattern of the held-out set (validation loss and retrieval).
+        batch_size: per-rank batch size (with exact accumulation, the whole accumulated batch).
+        epoch_mode: ``exact`` (each sample once per epoch, counts from ``sizes.json``) or ``resampled``
+            (weighted shard sampling with replacement, virtual epochs of ``samples_per_epoch``).
+        label_top_k: size of the label/CUI vocabulary for the semantic matching loss (0: no labels).
+        train_scale: RandomResizedCrop scale range (BiomedCLIP/open_clip use (0.9, 1.0)).
+        max_skip_fraction: stop with an error naming the shard when more samples than this are bad.
         """
         super().__init__()
         if epoch_mode not in ("exact", "resampled"):

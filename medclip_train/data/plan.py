@@ -96,8 +96,10 @@ def _find_shard(starts: list[int], idx: int) -> int:
 def exact_worker_batches(total: int, world_size: int, batch_size: int, num_workers: int) -> list[int]:
     """Number of batches each worker yields per epoch (identical on every rank)."""
     n_batches = math.ceil(rank_samples(total, world_size) / batch_size)
-    return [worker_batch_range(n_batches, num_workers, w)[1] - worker_batch_range(n_batches, num_workers, w)[0]
-            for w in range(num_workers)]
+    return [
+        worker_batch_range(n_batches, num_workers, w)[1] - worker_batch_range(n_batches, num_workers, w)[0]
+        for w in range(num_workers)
+    ]
 
 
 def resampled_worker_batches(samples_per_epoch: int, world_size: int, batch_size: int, num_workers: int) -> list[int]:
@@ -107,8 +109,10 @@ def resampled_worker_batches(samples_per_epoch: int, world_size: int, batch_size
             f"data.samples_per_epoch={samples_per_epoch} is smaller than one global batch "
             f"({world_size} ranks x {batch_size})"
         )
-    return [worker_batch_range(n_batches, num_workers, w)[1] - worker_batch_range(n_batches, num_workers, w)[0]
-            for w in range(num_workers)]
+    return [
+        worker_batch_range(n_batches, num_workers, w)[1] - worker_batch_range(n_batches, num_workers, w)[0]
+        for w in range(num_workers)
+    ]
 
 
 def consumed_per_worker(batches_per_worker: list[int], consumed: int) -> list[int]:

@@ -30,7 +30,6 @@ from medclip_train.data.plan import (
     shard_weights,
 )
 
-
 _END = object()
 
 
@@ -97,8 +96,16 @@ class ShardStream(IterableDataset):
         if s.mode == "exact":
             rank, world_size = s.world
             slices = exact_worker_slices(
-                s.urls, s.sizes, epoch=s.epoch, seed=s.seed, shuffle=s.shuffle, rank=rank, world_size=world_size,
-                worker_id=worker_id, num_workers=n_workers, batch_size=s.batch_size,
+                s.urls,
+                s.sizes,
+                epoch=s.epoch,
+                seed=s.seed,
+                shuffle=s.shuffle,
+                rank=rank,
+                world_size=world_size,
+                worker_id=worker_id,
+                num_workers=n_workers,
+                batch_size=s.batch_size,
             )
             raw = reader.exact_samples(slices)
         else:

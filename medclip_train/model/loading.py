@@ -78,7 +78,7 @@ def load_model(source: str, device: str = "cpu", pretrained: str | None = None) 
             raise FileNotFoundError(f"--model: checkpoint {source} does not exist")
         return load_project_checkpoint(source, device)
     if source.startswith("local-dir:") and not Path(source[len("local-dir:") :]).is_dir():
-        raise FileNotFoundError(f"--model: folder {source[len('local-dir:'):]} does not exist")
+        raise FileNotFoundError(f"--model: folder {source[len('local-dir:') :]} does not exist")
     return load_open_clip(source, pretrained, device)
 
 

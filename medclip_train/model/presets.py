@@ -25,6 +25,7 @@ _OPENAI_PREPROCESS = {
     "resize_mode": "shortest",
 }
 
+
 def _vit_pubmedbert(timm_name: str) -> dict:
     """A timm ViT with BiomedCLIP's text side: PubMedBERT, CLS of the last hidden state, MLP projection, ctx 256."""
     return {

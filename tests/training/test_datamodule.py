@@ -7,16 +7,21 @@ import collections
 import pytest
 import torch
 
+from medclip_train.config import ModelConfig
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.data.plan import consumed_per_worker
 from medclip_train.data.sources import ShardSource
 from medclip_train.data.stream import DataError
 from medclip_train.model.factory import build_tokenizer, resolve_open_clip_cfg
-from medclip_train.config import ModelConfig
 from tests.shardkit import make_shards, shard_pattern
 
-PREPROCESS = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
-              "resize_mode": "shortest"}
+PREPROCESS = {
+    "size": 32,
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "interpolation": "bilinear",
+    "resize_mode": "shortest",
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,10 @@ def test_resampled_mode_follows_source_weights(tmp_path, tokenizer):
     dm = make_dm(
         tokenizer,
         [ShardSource(shard_pattern(a), weight=1.0, name="a"), ShardSource(shard_pattern(b), weight=3.0, name="b")],
-        epoch_mode="resampled", samples_per_epoch=800, batch_size=8, shuffle_buffer=0,
+        epoch_mode="resampled",
+        samples_per_epoch=800,
+        batch_size=8,
+        shuffle_buffer=0,
     )
     loader = dm.train_dataloader()
     keys = [k for batch in loader for k in batch["key"]]

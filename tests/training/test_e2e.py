@@ -24,7 +24,11 @@ REPO = Path(__file__).resolve().parents[2]
 def run_train(args: list[str], cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "fit", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "train.py"), "fit", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -42,14 +46,24 @@ def test_train_fit_writes_run_folder_and_loss_goes_down(tmp_path, tiny_tokenizer
     steps = 30
     result = run_train(
         [
-            "--config", str(REPO / "configs/test_tiny.yaml"),
-            "--model.clip.tokenizer", str(tiny_tokenizer_dir),
-            "--data.train", json.dumps([{"shards": shard_pattern(shards)}]),
-            "--data.batch_size", "8",
-            "--model.optim.lr", "1e-3", "--model.optim.schedule", "constant",
-            "--trainer.max_steps", str(steps),
-            "--trainer.default_root_dir", str(run_dir),
-            "--checkpoint.every_n_train_steps", "15",
+            "--config",
+            str(REPO / "configs/test_tiny.yaml"),
+            "--model.clip.tokenizer",
+            str(tiny_tokenizer_dir),
+            "--data.train",
+            json.dumps([{"shards": shard_pattern(shards)}]),
+            "--data.batch_size",
+            "8",
+            "--model.optim.lr",
+            "1e-3",
+            "--model.optim.schedule",
+            "constant",
+            "--trainer.max_steps",
+            str(steps),
+            "--trainer.default_root_dir",
+            str(run_dir),
+            "--checkpoint.every_n_train_steps",
+            "15",
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]

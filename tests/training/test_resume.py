@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-
 import signal
 import time
 
@@ -89,7 +88,7 @@ def test_sigkill_then_resume_finishes_the_planned_run(tmp_path, shards, tok):
     # Nothing lost: the killed part's metrics were moved aside, not overwritten.
     with open(root / "metrics.part1.csv", newline="") as f:
         earlier = [row for row in csv.DictReader(f) if row.get("train/lr")]
-    assert [int(r["step"]) for r in earlier][: resumed_from] == list(range(resumed_from))
+    assert [int(r["step"]) for r in earlier][:resumed_from] == list(range(resumed_from))
 
     # The stream continues: the resumed run trains on exactly the samples of the epoch not yet trained on.
     consumed = [k for rec in first_run if rec["step"] <= resumed_from for k in rec["keys"]]
