@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_classification as cb
@@ -81,6 +83,17 @@ def test_accuracy_equals_clip_benchmark_evaluate(tiny_clip, tmp_path, monkeypatc
     assert ours["top5"] == pytest.approx(ref["acc5"], abs=1e-6)
     assert ours["balanced_acc"] == pytest.approx(ref["mean_per_class_recall"], abs=1e-6)
     assert ours["n"] == 30
+
+    # open_clip_train's own zero-shot loop (its classifier, its forward, its accuracy) on the same loader
+    open_clip_zero_shot = pytest.importorskip("open_clip_train.zero_shot")
+    monkeypatch.setattr(open_clip_zero_shot, "accuracy", lambda out, tgt, topk: [
+        n * len(tgt) for n in clip_benchmark_accuracy(out, tgt, topk)
+    ])  # fmt: skip
+    templates = [t.replace("{c}", "{}") for t in data.prompts.templates]
+    classifier = build_zero_shot_classifier(tiny_clip.model, tiny_clip.tokenizer, data.prompts.classnames, templates)
+    args = SimpleNamespace(device="cpu", precision="fp32", batch_size=8)
+    top1, top5 = open_clip_zero_shot.run(tiny_clip.model, classifier, loader, args)
+    assert ours["top1"] == pytest.approx(top1, abs=1e-6) and ours["top5"] == pytest.approx(top5, abs=1e-6)
 
 
 def test_multilabel_shards_report_map(tiny_clip, project_shards):
