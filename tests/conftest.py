@@ -44,6 +44,12 @@ CLINICAL_SENTENCES = [
     "a CT scan of the lung with a nodule",
     "an MRI of the knee with a meniscal tear",
     "findings: effusion, edema and consolidation.",
+    # words of the evaluator tests' class names and prompts
+    "a photo of a normal chest radiograph",
+    "histopathology image of lymph node tissue with metastatic tumor",
+    "an MRI of the brain, a CT scan of the abdomen, an ultrasound image",
+    "skin lesion consistent with melanoma, fundus photograph, endoscopy",
+    "xray ct mri cat dog red green blue class zero one two",
 ]
 
 

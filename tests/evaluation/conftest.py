@@ -12,44 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-WORDS = [
-    "a chest x-ray showing pneumonia",
-    "a photo of a normal chest radiograph",
-    "histopathology image of lymph node tissue with metastatic tumor",
-    "an MRI of the brain, a CT scan of the abdomen, an ultrasound image",
-    "the lungs are clear without focal consolidation effusion or pneumothorax",
-    "mild cardiomegaly with small bilateral pleural effusions",
-    "skin lesion consistent with melanoma, fundus photograph, endoscopy",
-    "xray ct mri cat dog red green blue class zero one two",
-]
-
 
 @pytest.fixture(scope="session")
-def eval_tokenizer_dir(tmp_path_factory) -> Path:
-    """A BERT-style WordPiece tokenizer trained on a few sentences and saved with ``save_pretrained``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(WORDS, trainer=trainers.WordPieceTrainer(vocab_size=500, special_tokens=special))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    out = tmp_path_factory.mktemp("eval_tokenizer")
-    fast.save_pretrained(out)
-    return Path(out)
+def eval_tokenizer_dir(tiny_tokenizer_dir) -> Path:
+    """The suite's shared WordPiece tokenizer (``tests/conftest.py``), under the name these tests use."""
+    return tiny_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
