@@ -63,6 +63,7 @@ class MedCLIPCLI(LightningCLI):
             cfg["checkpoint"]["dirpath"] = root
         if cfg.get("ckpt_path"):
             _keep_previous_metrics(root)
+        _wandb_offline_without_credentials(trainer.get("logger"))
         if trainer.get("logger") in (None, True):
             trainer["logger"] = [
                 {
@@ -100,6 +101,16 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MedCLIPCLI:
             raise
         print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _wandb_offline_without_credentials(logger_cfg) -> None:
+    """A configured WandbLogger logs offline when no credentials exist, instead of waiting for a login prompt."""
+    if "wandb" not in str(logger_cfg).lower() or os.environ.get("WANDB_MODE"):
+        return
+    has_key = os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))
+    if not has_key:
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no credentials found (WANDB_API_KEY or ~/.netrc); logging offline to ./wandb", file=sys.stderr)
 
 
 def _keep_previous_metrics(root: str) -> None:
