@@ -1,0 +1,336 @@
+"""Training throughput: this project's loop against ``open_clip_train.main`` on the same shards and model.
+
+``python -m bench train`` runs, alternately, ``train.py fit --config configs/bench_cpu.yaml`` (ours) and
+open_clip_train (theirs, in the anchor venv, see README.md), both with vit_tiny at 224 px + the 4-layer 256-wide
+BERT (context 128, embed 256), batch 32, bf16 autocast, one loader worker. Each side's steady state leaves out the
+first ``--warmup`` steps and is timed the same way: end of step ``warmup`` to end of the last step (ours: a
+callback's host clock per step; theirs: the sum of open_clip's per-step ``Batch (t)`` with
+``--log-every-n-steps 1``). MFU divides model FLOPs/s by the peak ``torch.mm`` rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+
+from bench.common import (
+    DEFAULT_ANCHOR_PYTHON,
+    REPO_ROOT,
+    RESULTS_DIR,
+    bench_env,
+    check_anchor_python,
+    ensure_bench_data,
+    machine_info,
+    markdown_table,
+    matmul_rates,
+    mean,
+    run_logged,
+    wait_for_quiet,
+    write_result,
+)
+
+PRESET = "bench_cpu_vit_tiny_bert_mini"
+CONFIG = "configs/bench_cpu.yaml"
+BATCH_SIZE = 32
+_OPEN_CLIP_STEP = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([0-9.]+)")
+
+
+class StepTimes(L.Callback):
+    """Writes the host clock at the end of every training step to ``path`` (JSON) when the fit ends."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter())
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        Path(self.path).write_text(json.dumps(self.times))
+
+
+def steady_rate(step_times: list[float], warmup: int, batch_size: int = BATCH_SIZE) -> float | None:
+    """Samples/s from the end of step ``warmup`` to the end of the last step."""
+    if len(step_times) < warmup + 2:
+        return None
+    return batch_size * (len(step_times) - 1 - warmup) / (step_times[-1] - step_times[warmup])
+
+
+# ---- model: open_clip config and FLOPs -----------------------------------------------------------------------------
+def open_clip_model_json(tokenizer: str, folder: Path) -> Path:
+    """The preset as an open_clip model config file (stem = model name), absolute paths for the HF parts."""
+    from medclip_train.model.presets import get_preset, resolve_hf_name
+
+    cfg = get_preset(PRESET)["model_cfg"]
+    cfg["text_cfg"]["hf_model_name"] = str(Path(resolve_hf_name(cfg["text_cfg"]["hf_model_name"])).resolve())
+    cfg["text_cfg"]["hf_tokenizer_name"] = str(Path(tokenizer).resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{PRESET.replace('_', '-')}.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def mean_batch_text_length(shards: str, tokenizer: str, context_length: int = 128, draws: int = 200) -> float:
+    """Mean over random batches of 32 captions of the longest caption in tokens: what trimmed padding leaves."""
+    import random
+    import tarfile
+
+    from open_clip.tokenizer import HFTokenizer
+    from webdataset.shardlists import expand_urls
+
+    captions = []
+    for url in expand_urls(shards):
+        with tarfile.open(url) as tf:
+            captions += [tf.extractfile(m).read().decode() for m in tf.getmembers() if m.name.endswith(".txt")]
+    lengths = (HFTokenizer(tokenizer, context_length=context_length)(captions) != 0).sum(dim=1).tolist()
+    rng = random.Random(0)
+    return mean([max(rng.sample(lengths, BATCH_SIZE)) for _ in range(draws)])
+
+
+def flops_per_sample(tokenizer: str, text_lengths: list[int]) -> dict[int, float]:
+    """Forward+backward FLOPs of the model and loss per sample at batch 32, per text length (FlopCounterMode).
+
+    Attention is counted through SDPA's math path, since the counter has no formula for the CPU flash kernel.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medclip_train.config import ModelConfig
+    from medclip_train.losses import ContrastiveLoss
+    from medclip_train.model.factory import build_model
+
+    model = build_model(ModelConfig(preset=PRESET, tokenizer=tokenizer)).model.train()
+    loss_fn = ContrastiveLoss()
+    out = {}
+    for length in text_lengths:
+        images = torch.randn(BATCH_SIZE, 3, 224, 224)
+        text = torch.randint(5, 500, (BATCH_SIZE, length))
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            features = model(images, text)
+            loss_fn(features["image_features"], features["text_features"], features["logit_scale"]).backward()
+        out[length] = counter.get_total_flops() / BATCH_SIZE
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+# ---- the two sides -------------------------------------------------------------------------------------------------
+def _flags(flags: dict) -> list[str]:
+    return [str(x) for kv in flags.items() for x in kv]
+
+
+def run_ours(data: dict, steps: int, warmup: int, run_dir: Path, extra: list[str]) -> dict:
+    times_path = run_dir / "step_times.json"
+    callbacks = [{"class_path": "bench.train.StepTimes", "init_args": {"path": str(times_path)}}]
+    flags = {
+        "--config": CONFIG,
+        "--model.clip.tokenizer": data["tokenizer"],
+        "--data.train": json.dumps([{"shards": data["shards"]}]),
+        "--trainer.max_steps": steps,
+        "--trainer.default_root_dir": run_dir,
+        "--trainer.callbacks": json.dumps(callbacks),
+    }
+    cmd = [sys.executable, "train.py", "fit", *_flags(flags), *extra]
+    proc = run_logged(cmd, run_dir / "log.txt", env=bench_env())
+    if proc["rc"] != 0 or not times_path.exists():
+        raise RuntimeError(f"our training run failed (exit {proc['rc']}); see {run_dir / 'log.txt'}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "samples_per_s": steady_rate(json.loads(times_path.read_text()), warmup),
+        "summary_steady_samples_per_s": summary.get("steady_samples_per_s"),
+        "final_loss": summary.get("final_loss"),
+        **proc,
+    }
+
+
+def open_clip_flags(data: dict, steps: int, model_name: str, run_dir: Path) -> dict:
+    """open_clip_train flags for the settings of configs/bench_cpu.yaml (optimiser, schedule, clipping, no eval)."""
+    return {
+        "--train-data": data["shards"],
+        "--train-num-samples": steps * BATCH_SIZE,
+        "--dataset-type": "webdataset",
+        "--batch-size": BATCH_SIZE,
+        "--precision": "amp_bf16",
+        "--workers": 1,
+        "--epochs": 1,
+        "--model": model_name,
+        "--device": "cpu",
+        "--lr": 5e-4,
+        "--wd": 0.2,
+        "--warmup": 10,
+        "--beta1": 0.9,
+        "--beta2": 0.98,
+        "--eps": 1e-6,
+        "--grad-clip-norm": 1.0,
+        "--seed": 0,
+        "--log-every-n-steps": 1,
+        "--report-to": "",
+        "--save-frequency": 0,
+        "--zeroshot-frequency": 0,
+        "--val-frequency": 0,
+        "--logs": run_dir.parent,
+        "--name": run_dir.name,
+    }
+
+
+def run_theirs(data: dict, steps: int, warmup: int, run_dir: Path, anchor_python: str, model_json: Path) -> dict:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # open_clip refuses to reuse an experiment folder
+    flags = open_clip_flags(data, steps, model_json.stem, run_dir)
+    cmd = [anchor_python, str(REPO_ROOT / "bench" / "_anchor.py"), "train", str(model_json), "--", *_flags(flags)]
+    log = run_dir.parent / f"{run_dir.name}.log"
+    proc = run_logged(cmd, log, env=bench_env(PYTHONPATH=""))
+    steps_seen = [(int(n), float(t)) for n, t in _OPEN_CLIP_STEP.findall(log.read_text())]
+    if proc["rc"] != 0 or len(steps_seen) < warmup + 2:
+        raise RuntimeError(f"open_clip run failed (exit {proc['rc']}, {len(steps_seen)} steps logged); see {log}")
+    batch_times = [t for _, t in steps_seen]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # its end-of-epoch checkpoint is not needed
+    return {
+        "samples_per_s": BATCH_SIZE * (len(batch_times) - 1 - warmup) / sum(batch_times[warmup + 1 :]),
+        **proc,
+    }
+
+
+# ---- report --------------------------------------------------------------------------------------------------------
+def summarise(runs: dict, flops: dict, rates: dict) -> tuple[list[list], dict]:
+    """Per side: mean steady samples/s, MFU (useful FLOPs: at the trimmed text length, for both sides), HFU (the
+    FLOPs each side executes: open_clip pads every caption to 128 tokens), peak memory, foreign load."""
+    rows, sides = [], {}
+    for side, label, executed in (("ours", "medclip-train", flops["trimmed"]), ("theirs", "open_clip 3.3", flops[128])):
+        if not runs[side]:
+            continue
+        sps = mean([r["samples_per_s"] for r in runs[side]])
+        s = {
+            "samples_per_s": sps,
+            "mfu_bf16": sps * flops["trimmed"] / (rates["bf16"] * 1e9),
+            "mfu_fp32": sps * flops["trimmed"] / (rates["fp32"] * 1e9),
+            "hfu_bf16": sps * executed / (rates["bf16"] * 1e9),
+            "peak_pss_mb": max(r["peak_pss_mb"] for r in runs[side]),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[side]),
+        }
+        sides[side] = s
+        rows.append(
+            [
+                label,
+                " / ".join(f"{r['samples_per_s']:.1f}" for r in runs[side]),
+                sps,
+                f"{100 * s['mfu_bf16']:.0f}%",
+                f"{100 * s['mfu_fp32']:.0f}%",
+                f"{100 * s['hfu_bf16']:.0f}%",
+                round(s["peak_pss_mb"]),
+                round(s["peak_rss_mb"]),
+                " / ".join(f"{r['foreign_cores']:.2f}" for r in runs[side]),
+            ]
+        )
+    if "theirs" in sides and "ours" in sides:
+        sides["ratio"] = sides["ours"]["samples_per_s"] / sides["theirs"]["samples_per_s"]
+    return rows, sides
+
+
+HEADERS = [
+    "loop",
+    "samples/s per run",
+    "mean samples/s",
+    "MFU (bf16 mm)",
+    "MFU (fp32 mm)",
+    "HFU (bf16 mm)",
+    "peak PSS MB",
+    "peak RSS MB (sum)",
+    "other load (cores)",
+]
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench train", description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=50, help="training steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the steady state")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side, alternating ours/theirs")
+    p.add_argument("--anchor-python", default=DEFAULT_ANCHOR_PYTHON, help="python of the open_clip anchor venv")
+    p.add_argument("--no-anchor", action="store_true", help="measure this project only")
+    p.add_argument("--ours-args", default="", help="extra train.py overrides for our runs (one string)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="before each run, wait up to this many seconds for other processes to go quiet",
+    )
+    p.add_argument("--gpu", action="store_true", help="GPU benchmark (not implemented yet, see BENCHMARKS.md)")
+    p.add_argument("--name", default="train", help="results go to bench/results/<name>.json")
+    a = p.parse_args(argv)
+    if a.gpu:
+        raise SystemExit("python -m bench train --gpu: not implemented yet (no GPU in the session that wrote it)")
+    anchor = None if a.no_anchor else check_anchor_python(a.anchor_python)
+
+    data = ensure_bench_data()
+    machine = machine_info()
+    print(f"[bench] {machine['cpu']}, {machine['cores']} cores, load {machine['load_avg_1m']}", flush=True)
+    text_len = mean_batch_text_length(data["shards"], data["tokenizer"])
+    counted = flops_per_sample(data["tokenizer"], [128, round(text_len)])
+    flops = {128: counted[128], "trimmed": counted[round(text_len)]}
+    wait_for_quiet(a.quiet_wait)
+    rates = matmul_rates()
+    print(
+        f"[bench] mm peak GFLOP/s {rates}; GFLOP/sample {flops[128] / 1e9:.2f} at 128 tokens, "
+        f"{flops['trimmed'] / 1e9:.2f} at the trimmed {text_len:.0f}",
+        flush=True,
+    )
+
+    run_root = RESULTS_DIR / "runs" / a.name
+    model_json = open_clip_model_json(data["tokenizer"], run_root)
+    runs: dict[str, list] = {"ours": [], "theirs": []}
+    sides = [("ours", lambda i: run_ours(data, a.steps, a.warmup, run_root / f"ours-{i}", a.ours_args.split()))]
+    if anchor:
+        sides.append(
+            ("theirs", lambda i: run_theirs(data, a.steps, a.warmup, run_root / f"theirs-{i}", anchor, model_json))
+        )
+    for i in range(a.repeats):
+        for side, run in sides:
+            quiet = wait_for_quiet(a.quiet_wait)
+            r = {**run(i), "busy_cores_before": quiet}
+            runs[side].append(r)
+            print(
+                f"[bench] {side:6s} #{i}: {r['samples_per_s']:.2f} samples/s, peak PSS {r['peak_pss_mb']:.0f} MB, "
+                f"other processes {r['foreign_cores']:.2f} cores",
+                flush=True,
+            )
+    wait_for_quiet(a.quiet_wait)
+    rates_end = matmul_rates()
+    rates = {k: max(rates[k], rates_end[k]) for k in rates}
+
+    rows, summary = summarise(runs, flops, rates)
+    table = markdown_table(HEADERS, rows)
+    notes = (
+        f"\nmatmul peak: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; model fwd+bwd "
+        f"{flops[128] / 1e9:.2f} GFLOP/sample at 128 tokens, {flops['trimmed'] / 1e9:.2f} at the mean trimmed batch "
+        f"length {text_len:.0f} (MFU counts the latter for both sides, HFU what each side executes)"
+    )
+    if "ratio" in summary:
+        notes += f"; medclip-train / open_clip = {summary['ratio']:.2f}x"
+    print(table + notes)
+    result = {
+        "machine": machine,
+        "command": "python -m bench train " + " ".join(argv),
+        "settings": {
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "repeats": a.repeats,
+            "batch_size": BATCH_SIZE,
+            "ours_args": a.ours_args,
+            "preset": PRESET,
+        },
+        "matmul_gflops": rates,
+        "gflop_per_sample": {"context_128": flops[128] / 1e9, "trimmed": flops["trimmed"] / 1e9},
+        "mean_trimmed_text_length": text_len,
+        "runs": runs,
+        "summary": summary,
+        "table": table + notes,
+    }
+    print(f"[bench] wrote {write_result(a.name, result)}")
