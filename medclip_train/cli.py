@@ -28,6 +28,7 @@ for _message in (
     r".*litlogger.*",
     r".*Previous log files in this directory will be deleted.*",  # metrics.csv is moved aside on resume
     r".*Total length of `list` across ranks is zero.*",  # no validation set configured
+    r".*Checkpoint directory .* exists and is not empty.*",  # config.yaml lands in the run folder first
 ):
     warnings.filterwarnings("ignore", message=_message)
 
