@@ -127,7 +127,7 @@ def _flags(flags: dict) -> list[str]:
     return [str(x) for kv in flags.items() for x in kv]
 
 
-def run_ours(data: dict, steps: int, warmup: int, run_dir: Path, extra: list[str]) -> dict:
+def run_ours(data: dict, steps: int, warmup: int, run_dir: Path, extra: list[str], env: dict | None = None) -> dict:
     times_path = run_dir / "step_times.json"
     callbacks = [{"class_path": "bench.train.StepTimes", "init_args": {"path": str(times_path)}}]
     flags = {
@@ -139,7 +139,7 @@ def run_ours(data: dict, steps: int, warmup: int, run_dir: Path, extra: list[str
         "--trainer.callbacks": json.dumps(callbacks),
     }
     cmd = [sys.executable, "train.py", "fit", *_flags(flags), *extra]
-    proc = run_logged(cmd, run_dir / "log.txt", env=bench_env())
+    proc = run_logged(cmd, run_dir / "log.txt", env=bench_env(**(env or {})))
     if proc["rc"] != 0 or not times_path.exists():
         raise RuntimeError(f"our training run failed (exit {proc['rc']}); see {run_dir / 'log.txt'}")
     summary = json.loads((run_dir / "summary.json").read_text())

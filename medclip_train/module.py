@@ -21,7 +21,7 @@ import torch
 
 from medclip_train.config import LossConfig, ModelConfig, OptimConfig
 from medclip_train.losses import build_loss
-from medclip_train.model.factory import build_model
+from medclip_train.model.factory import build_model, set_fused_attention
 from medclip_train.optim import build_optimizer
 
 
@@ -93,6 +93,10 @@ class CLIPModule(L.LightningModule):
         return self.model(image, text)
 
     # ---- training ----------------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.device.type == "cpu":  # explicit attention is faster there (see set_fused_attention)
+            set_fused_attention(self.model, False)
+
     def _loss(self, out: dict, labels: torch.Tensor | None):
         return self.loss(
             out["image_features"],
