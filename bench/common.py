@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -289,9 +290,13 @@ def tree_memory_mb(pid: int, pss: bool = False) -> tuple[float, float]:
 
 class PeakRSS:
     """Samples a process tree's memory every ``interval`` s in a thread: ``peak_mb`` (sum of RSS, shared pages
-    counted in every process) and, with ``pss=True``, ``peak_pss_mb`` (sum of PSS, the tree's real footprint)."""
+    counted in every process) and, with ``pss=True``, ``peak_pss_mb`` (sum of PSS, the tree's real footprint).
 
-    def __init__(self, pid: int, interval: float = 0.5, pss: bool = False):
+    Every 2 s: reading ``smaps_rollup`` of a 2.5 GB training process costs tens of ms, which at 0.5 s took about
+    5% of a core from the run being measured; memory settles within the first steps, so the peak is not missed.
+    """
+
+    def __init__(self, pid: int, interval: float = 2.0, pss: bool = False):
         self.pid, self.interval, self.pss = pid, interval, pss
         self.peak_mb = self.peak_pss_mb = 0.0
         self._stop = threading.Event()
@@ -383,6 +388,25 @@ def check_anchor_python(path: str) -> str:
             "or pass --anchor-python PATH (or --no-anchor to measure this project only)."
         )
     return path
+
+
+def alternate(runs: list[tuple[str, Callable[[int], dict]]], repeats: int, quiet_wait: float) -> dict[str, list]:
+    """Call every ``(name, run)`` in turn, ``repeats`` times (a, b, a, b), each after waiting for a quiet machine.
+
+    ``run(i)`` returns a dict with ``samples_per_s`` and ``foreign_cores`` (see ``run_logged``).
+    """
+    results: dict[str, list] = {name: [] for name, _ in runs}
+    for i in range(repeats):
+        for name, run in runs:
+            quiet = wait_for_quiet(quiet_wait)
+            r = {**run(i), "busy_cores_before": quiet}
+            results[name].append(r)
+            print(
+                f"[bench] {name} #{i}: {r['samples_per_s']:.2f} samples/s, other processes {r['foreign_cores']:.2f} "
+                f"cores" + (f", peak PSS {r['peak_pss_mb']:.0f} MB" if "peak_pss_mb" in r else ""),
+                flush=True,
+            )
+    return results
 
 
 # ---- results -------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from bench.common import (
     DEFAULT_ANCHOR_PYTHON,
     REPO_ROOT,
     RESULTS_DIR,
+    alternate,
     bench_env,
     check_anchor_python,
     ensure_bench_data,
@@ -30,7 +31,6 @@ from bench.common import (
     markdown_table,
     mean,
     run_logged,
-    wait_for_quiet,
     write_result,
 )
 
@@ -40,25 +40,7 @@ CONTEXT_LENGTH = 128
 
 
 # ---- children: each measurement in its own process ------------------------------------------------------------------
-def _raw_worker(args: tuple[list[bytes], int]) -> tuple[int, float]:
-    import io
-
-    from PIL import Image
-
-    images, size = args
-    t0 = time.perf_counter()
-    for data in images:
-        img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (size, size))  # libjpeg picks the largest 1/2^k scale that stays >= size
-        img = img.convert("RGB")
-        scale = size / min(img.size)
-        img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
-    return len(images), time.perf_counter() - t0
-
-
-def measure_raw(shards: str, procs: int, n_images: int) -> dict:
-    """Decode+resize rate of ``procs`` processes, each over its own ``n_images`` JPEGs held in memory."""
-    import multiprocessing as mp
+def _read_jpegs(shards: str, start: int, count: int) -> list[bytes]:
     import tarfile
 
     from webdataset.shardlists import expand_urls
@@ -67,15 +49,49 @@ def measure_raw(shards: str, procs: int, n_images: int) -> dict:
     for url in expand_urls(shards):
         with tarfile.open(url) as tf:
             jpegs += [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")]
-        if len(jpegs) >= n_images * procs:
+        if len(jpegs) >= start + count:
             break
-    chunks = [(jpegs[i * n_images : (i + 1) * n_images], IMAGE_SIZE) for i in range(procs)]
-    with mp.get_context("fork").Pool(procs) as pool:
-        _raw_worker(([jpegs[0]] * 4, IMAGE_SIZE))  # warm the decoder in the parent before forking
-        t0 = time.perf_counter()
-        results = pool.map(_raw_worker, chunks)
-        wall = time.perf_counter() - t0
-    return {"samples_per_s": sum(n for n, _ in results) / wall, "per_process": [n / t for n, t in results]}
+    return jpegs[start : start + count]
+
+
+def _raw_worker(shards: str, start: int, count: int, barrier, queue) -> None:
+    """Decode+resize ``count`` JPEGs held in memory; the clock starts when every process is ready."""
+    import io
+
+    from PIL import Image
+
+    images = _read_jpegs(shards, start, count)
+    barrier.wait()
+    t0 = time.perf_counter()
+    for data in images:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # libjpeg's largest 1/2^k scale that stays >= 224
+        img = img.convert("RGB")
+        scale = IMAGE_SIZE / min(img.size)
+        size = (max(IMAGE_SIZE, round(img.width * scale)), max(IMAGE_SIZE, round(img.height * scale)))
+        img.resize(size, Image.BICUBIC)
+    queue.put((len(images), t0, time.perf_counter()))
+
+
+def measure_raw(shards: str, procs: int, n_images: int) -> dict:
+    """Decode+resize rate of ``procs`` processes running together, each over its own ``n_images`` JPEGs."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(procs), ctx.Queue()
+    workers = [
+        ctx.Process(target=_raw_worker, args=(shards, i * n_images, n_images, barrier, queue)) for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    results = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    wall = max(end for _, _, end in results) - min(start for _, start, _ in results)
+    return {
+        "samples_per_s": sum(n for n, _, _ in results) / wall,
+        "per_process": [n / (end - start) for n, start, end in results],
+    }
 
 
 def measure_ours(shards: str, tokenizer: str, workers: int, batches: int, warmup: int) -> dict:
@@ -113,13 +129,29 @@ def child_main(argv: list[str]) -> None:
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
     if a.what == "raw":
-        out = measure_raw(a.shards, a.workers, n_images=(a.batches + a.warmup) * BATCH_SIZE // 2)
+        out = measure_raw(a.shards, a.workers, n_images=a.batches * BATCH_SIZE)
     else:
         out = measure_ours(a.shards, a.tokenizer, a.workers, a.batches, a.warmup)
     print("RESULT " + json.dumps(out))
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------------
+LABELS = {
+    "ours": "medclip-train WebDataModule",
+    "theirs": "open_clip get_wds_dataset",
+    "raw": "raw limit: PIL open+draft+resize",
+}
+HEADERS = [
+    "pipeline",
+    "workers (raw: processes)",
+    "samples/s per run",
+    "mean samples/s",
+    "vs open_clip",
+    "fraction of raw limit",
+    "other load (cores)",
+]
+
+
 def _run(cmd: list[str], log_name: str, env: dict) -> dict:
     log = RESULTS_DIR / "runs" / "data" / f"{log_name}.log"
     proc = run_logged(cmd, log, env=env)
@@ -129,9 +161,52 @@ def _run(cmd: list[str], log_name: str, env: dict) -> dict:
     return {**json.loads(lines[-1].removeprefix("RESULT ")), **proc}
 
 
-def main(argv: list[str]) -> None:
-    if argv[:1] == ["--child"]:
-        return child_main(argv[1:])
+def measurements(data: dict, workers: int, batches: int, warmup: int, anchor: str | None) -> list[tuple]:
+    """``(name, run(i))`` for the raw limit, ours and open_clip's at one worker count."""
+    shards, tokenizer = ["--shards", data["shards"]], ["--tokenizer", data["tokenizer"]]
+    common = ["--workers", str(workers), "--batches", str(batches), "--warmup", str(warmup)]
+    child = [sys.executable, "-m", "bench", "data", "--child"]
+    cmds = {
+        "raw": ([*child, "raw", *shards, *common], bench_env()),
+        "ours": ([*child, "ours", *shards, *tokenizer, *common], bench_env()),
+    }
+    if anchor:
+        cmds["theirs"] = (
+            [anchor, str(REPO_ROOT / "bench" / "_anchor.py"), "data", *shards, *tokenizer, *common],
+            bench_env(PYTHONPATH=""),
+        )
+    return [
+        (f"{name} w={workers}", lambda i, cmd=cmd, env=env, name=name: _run(cmd, f"{name}-w{workers}-{i}", env))
+        for name, (cmd, env) in cmds.items()
+    ]
+
+
+def table_rows(results: dict[str, list], workers: list[int]) -> tuple[list[list], dict]:
+    rows, summary = [], {}
+    for w in workers:
+        rate = {n: mean([r["samples_per_s"] for r in results[f"{n} w={w}"]]) for n in LABELS if f"{n} w={w}" in results}
+        summary[str(w)] = {
+            "samples_per_s": rate,
+            "ours_over_open_clip": rate["ours"] / rate["theirs"] if "theirs" in rate else None,
+            "ours_fraction_of_raw": rate["ours"] / rate["raw"],
+        }
+        for name, value in rate.items():
+            runs = results[f"{name} w={w}"]
+            rows.append(
+                [
+                    LABELS[name],
+                    w,
+                    " / ".join(f"{r['samples_per_s']:.0f}" for r in runs),
+                    value,
+                    f"{value / rate['theirs']:.2f}x" if "theirs" in rate else "",
+                    f"{value / rate['raw']:.2f}",
+                    " / ".join(f"{r['foreign_cores']:.2f}" for r in runs),
+                ]
+            )
+    return rows, summary
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench data", description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=3, help="batches left out first (shuffle buffer fill, start-up)")
@@ -139,93 +214,31 @@ def main(argv: list[str]) -> None:
     p.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
     p.add_argument("--anchor-python", default=DEFAULT_ANCHOR_PYTHON, help="python of the open_clip anchor venv")
     p.add_argument("--no-anchor", action="store_true", help="measure this project only")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=20.0,
-        help="before each measurement, wait up to this many seconds for other processes to go quiet",
-    )
+    p.add_argument("--quiet-wait", type=float, default=20.0, help="max wait for a quiet machine before each run, s")
     p.add_argument("--name", default="data", help="results go to bench/results/<name>.json")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--child"]:
+        return child_main(argv[1:])
+    a = _parser().parse_args(argv)
     anchor = None if a.no_anchor else check_anchor_python(a.anchor_python)
     data = ensure_bench_data()
     machine = machine_info()
     workers = [int(w) for w in a.workers.split(",")]
-    shards = ["--shards", data["shards"]]
-    common = ["--batches", str(a.batches), "--warmup", str(a.warmup)]
-    tokenizer = ["--tokenizer", data["tokenizer"]]
-    child = [sys.executable, "-m", "bench", "data", "--child"]
-    anchor_cmd = [anchor, str(REPO_ROOT / "bench" / "_anchor.py"), "data"]
-
-    def ours(w: int, i: int) -> dict:
-        cmd = [*child, "ours", *shards, *tokenizer, "--workers", str(w), *common]
-        return _run(cmd, f"ours-w{w}-{i}", bench_env())
-
-    def theirs(w: int, i: int) -> dict:
-        cmd = [*anchor_cmd, *shards, *tokenizer, "--workers", str(w), *common]
-        return _run(cmd, f"theirs-w{w}-{i}", bench_env(PYTHONPATH=""))
-
-    def raw(w: int, i: int) -> dict:
-        return _run([*child, "raw", *shards, "--workers", str(w), *common], f"raw-p{w}-{i}", bench_env())
-
-    loaders = [("raw", raw), ("ours", ours)] + ([("theirs", theirs)] if anchor else [])
-    results: dict[str, dict[int, list]] = {name: {w: [] for w in workers} for name, _ in loaders}
+    results = {}
     for w in workers:
-        for i in range(a.repeats):
-            for name, fn in loaders:
-                quiet = wait_for_quiet(a.quiet_wait)
-                r = {**fn(w, i), "busy_cores_before": quiet}
-                results[name][w].append(r)
-                print(
-                    f"[bench] {name:6s} workers={w} #{i}: {r['samples_per_s']:.1f} samples/s "
-                    f"(other processes {r['foreign_cores']:.2f} cores)",
-                    flush=True,
-                )
-
-    rows, summary = [], {}
-    for w in workers:
-        rate = {name: mean([r["samples_per_s"] for r in results[name][w]]) for name, _ in loaders}
-        load = {name: mean([r["foreign_cores"] for r in results[name][w]]) for name, _ in loaders}
-        summary[w] = {
-            "samples_per_s": rate,
-            "ours_over_open_clip": rate.get("ours", 0) / rate["theirs"] if "theirs" in rate else None,
-            "raw_over_ours": rate["raw"] / rate["ours"],
-        }
-        for name, label in (
-            ("ours", "medclip-train WebDataModule"),
-            ("theirs", "open_clip get_wds_dataset"),
-            ("raw", "raw limit: PIL open+draft+resize"),
-        ):
-            if name not in rate:
-                continue
-            runs = " / ".join(f"{r['samples_per_s']:.0f}" for r in results[name][w])
-            vs_raw = f"{rate[name] / rate['raw']:.2f}"
-            vs_oc = f"{rate[name] / rate['theirs']:.2f}x" if "theirs" in rate else ""
-            rows.append([label, w, runs, rate[name], vs_oc, vs_raw, f"{load[name]:.2f}"])
-    headers = [
-        "pipeline",
-        "workers (raw: processes)",
-        "samples/s per run",
-        "mean samples/s",
-        "vs open_clip",
-        "fraction of raw limit",
-        "other load (cores)",
-    ]
-    table = markdown_table(headers, rows)
+        results.update(alternate(measurements(data, w, a.batches, a.warmup, anchor), a.repeats, a.quiet_wait))
+    rows, summary = table_rows(results, workers)
+    table = markdown_table(HEADERS, rows)
     print(table)
     result = {
         "machine": machine,
         "command": "python -m bench data " + " ".join(argv),
-        "settings": {
-            "batches": a.batches,
-            "warmup": a.warmup,
-            "repeats": a.repeats,
-            "batch_size": BATCH_SIZE,
-            "image_size": IMAGE_SIZE,
-            "context_length": CONTEXT_LENGTH,
-        },
-        "runs": {name: {str(w): rs for w, rs in per.items()} for name, per in results.items()},
-        "summary": {str(w): s for w, s in summary.items()},
+        "settings": {**vars(a), "batch_size": BATCH_SIZE, "image_size": IMAGE_SIZE, "context_length": CONTEXT_LENGTH},
+        "runs": results,
+        "summary": summary,
         "table": table,
     }
     print(f"[bench] wrote {write_result(a.name, result)}")
