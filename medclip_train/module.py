@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from medclip_train.config import LossConfig, ModelConfig, OptimConfig
+from medclip_train.data.pixels import normalize_pixels
 from medclip_train.losses import build_loss
 from medclip_train.model.factory import build_model, set_fused_attention
 from medclip_train.optim import build_optimizer
@@ -92,6 +93,10 @@ class CLIPModule(L.LightningModule):
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(image, text)
 
+    def images(self, batch: dict) -> torch.Tensor:
+        """The batch's images as model input: uint8 pixels from the loader are normalised here, on the device."""
+        return normalize_pixels(batch["image"], self.preprocess_cfg["mean"], self.preprocess_cfg["std"])
+
     # ---- training ----------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":  # explicit attention is faster there (see set_fused_attention)
@@ -109,7 +114,7 @@ class CLIPModule(L.LightningModule):
         )
 
     def _forward_backward(self, batch: dict):
-        images, text, labels = batch["image"], batch["text"], batch.get("labels")
+        images, text, labels = self.images(batch), batch["text"], batch.get("labels")
         k = min(self.accumulation_steps, images.shape[0])
         if k == 1:
             loss, parts = self._loss(self.model(images, text), labels)
@@ -219,7 +224,7 @@ class CLIPModule(L.LightningModule):
 
     # ---- validation -------------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["image"], batch["text"])
+        out = self.model(self.images(batch), batch["text"])
         loss, _ = self._loss(out, batch.get("labels"))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
         return loss

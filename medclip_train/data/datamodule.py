@@ -15,6 +15,7 @@ from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_
 from torch.utils.data import DataLoader
 
 from medclip_train.data.labels import LabelVocab
+from medclip_train.data.pixels import pixels_transform
 from medclip_train.data.sources import ShardSource, check_local_shards_exist, read_label_counts, shard_sizes
 from medclip_train.data.stream import ShardStream, StreamSpec
 from medclip_train.distributed import world_info
@@ -152,7 +153,8 @@ class WebDataModule(L.LightningDataModule):
     # ---- loaders -------------------------------------------------------------------------------------------------
     def _spec(self, urls, sizes, train: bool, batch_size: int) -> StreamSpec:
         cfg = PreprocessCfg(**{k: v for k, v in self.preprocess_cfg.items() if k in PreprocessCfg.__annotations__})
-        transform = image_transform_v2(cfg, is_train=train, aug_cfg=self.aug_cfg if train else None)
+        # uint8 pixels leave the workers; the model side normalises them (see data/pixels.py).
+        transform = pixels_transform(image_transform_v2(cfg, is_train=train, aug_cfg=self.aug_cfg if train else None))
         size = cfg.size if isinstance(cfg.size, int) else max(cfg.size)
         return StreamSpec(
             urls=urls,

@@ -36,7 +36,7 @@ def run_train(args: list[str], cwd: Path = REPO, timeout: int = 300) -> subproce
 def fixed_batch_loss(module: CLIPModule, batch: dict) -> float:
     module.eval()
     with torch.no_grad():
-        out = module.model(batch["image"], batch["text"])
+        out = module.model(module.images(batch), batch["text"])
         return float(module.loss(out["image_features"], out["text_features"], out["logit_scale"]))
 
 

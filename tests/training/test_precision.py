@@ -30,7 +30,7 @@ def fixed_batch_loss(module: CLIPModule, state: dict, batch: dict) -> float:
     module.model.load_state_dict(state)
     module.model.eval()
     with torch.no_grad():
-        out = module.model(batch["image"], batch["text"])
+        out = module.model(module.images(batch), batch["text"])
         return float(module.loss(out["image_features"], out["text_features"], out["logit_scale"]))
 
 
