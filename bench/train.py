@@ -24,6 +24,7 @@ from bench.common import (
     DEFAULT_ANCHOR_PYTHON,
     REPO_ROOT,
     RESULTS_DIR,
+    alternate,
     bench_env,
     check_anchor_python,
     ensure_bench_data,
@@ -64,21 +65,24 @@ def steady_rate(step_times: list[float], warmup: int, batch_size: int = BATCH_SI
 
 
 # ---- model: open_clip config and FLOPs -----------------------------------------------------------------------------
-def open_clip_model_json(tokenizer: str, folder: Path) -> Path:
+def open_clip_model_json(tokenizer: str, folder: Path, preset: str = PRESET, text_model: str | None = None) -> Path:
     """The preset as an open_clip model config file (stem = model name), absolute paths for the HF parts."""
     from medclip_train.model.presets import get_preset, resolve_hf_name
 
-    cfg = get_preset(PRESET)["model_cfg"]
-    cfg["text_cfg"]["hf_model_name"] = str(Path(resolve_hf_name(cfg["text_cfg"]["hf_model_name"])).resolve())
+    cfg = get_preset(preset)["model_cfg"]
+    text = text_model or cfg["text_cfg"]["hf_model_name"]
+    cfg["text_cfg"]["hf_model_name"] = str(Path(resolve_hf_name(text)).resolve())
     cfg["text_cfg"]["hf_tokenizer_name"] = str(Path(tokenizer).resolve())
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{PRESET.replace('_', '-')}.json"
+    path = folder / f"{preset.replace('_', '-')}.json"
     path.write_text(json.dumps(cfg, indent=2))
     return path
 
 
-def mean_batch_text_length(shards: str, tokenizer: str, context_length: int = 128, draws: int = 200) -> float:
-    """Mean over random batches of 32 captions of the longest caption in tokens: what trimmed padding leaves."""
+def mean_batch_text_length(
+    shards: str, tokenizer: str, context_length: int = 128, draws: int = 200, batch_size: int = BATCH_SIZE
+) -> float:
+    """Mean over random batches of ``batch_size`` captions of the longest one in tokens (what trimming leaves)."""
     import random
     import tarfile
 
@@ -91,11 +95,18 @@ def mean_batch_text_length(shards: str, tokenizer: str, context_length: int = 12
             captions += [tf.extractfile(m).read().decode() for m in tf.getmembers() if m.name.endswith(".txt")]
     lengths = (HFTokenizer(tokenizer, context_length=context_length)(captions) != 0).sum(dim=1).tolist()
     rng = random.Random(0)
-    return mean([max(rng.sample(lengths, BATCH_SIZE)) for _ in range(draws)])
+    return mean([max(rng.sample(lengths, min(batch_size, len(lengths)))) for _ in range(draws)])
 
 
-def flops_per_sample(tokenizer: str, text_lengths: list[int]) -> dict[int, float]:
-    """Forward+backward FLOPs of the model and loss per sample at batch 32, per text length (FlopCounterMode).
+def flops_per_sample(
+    tokenizer: str,
+    text_lengths: list[int],
+    preset: str = PRESET,
+    text_model: str | None = None,
+    batch_size: int = BATCH_SIZE,
+    device: str = "cpu",
+) -> dict[int, float]:
+    """Forward+backward FLOPs of the model and loss per sample at ``batch_size``, per text length (FlopCounterMode).
 
     Attention is counted through SDPA's math path, since the counter has no formula for the CPU flash kernel.
     """
@@ -107,17 +118,18 @@ def flops_per_sample(tokenizer: str, text_lengths: list[int]) -> dict[int, float
     from medclip_train.losses import ContrastiveLoss
     from medclip_train.model.factory import build_model
 
-    model = build_model(ModelConfig(preset=PRESET, tokenizer=tokenizer)).model.train()
+    model = build_model(ModelConfig(preset=preset, tokenizer=tokenizer, text_model=text_model)).model.train()
+    model = model.to(device)
     loss_fn = ContrastiveLoss()
     out = {}
     for length in text_lengths:
-        images = torch.randn(BATCH_SIZE, 3, 224, 224)
-        text = torch.randint(5, 500, (BATCH_SIZE, length))
+        images = torch.randn(batch_size, 3, 224, 224, device=device)
+        text = torch.randint(5, 500, (batch_size, length), device=device)
         counter = FlopCounterMode(display=False)
         with counter, sdpa_kernel(SDPBackend.MATH):
             features = model(images, text)
             loss_fn(features["image_features"], features["text_features"], features["logit_scale"]).backward()
-        out[length] = counter.get_total_flops() / BATCH_SIZE
+        out[length] = counter.get_total_flops() / batch_size
         model.zero_grad(set_to_none=True)
     return out
 
@@ -127,7 +139,15 @@ def _flags(flags: dict) -> list[str]:
     return [str(x) for kv in flags.items() for x in kv]
 
 
-def run_ours(data: dict, steps: int, warmup: int, run_dir: Path, extra: list[str], env: dict | None = None) -> dict:
+def run_ours(
+    data: dict,
+    steps: int,
+    warmup: int,
+    run_dir: Path,
+    extra: list[str],
+    env: dict | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> dict:
     times_path = run_dir / "step_times.json"
     callbacks = [{"class_path": "bench.train.StepTimes", "init_args": {"path": str(times_path)}}]
     flags = {
@@ -144,20 +164,20 @@ def run_ours(data: dict, steps: int, warmup: int, run_dir: Path, extra: list[str
         raise RuntimeError(f"our training run failed (exit {proc['rc']}); see {run_dir / 'log.txt'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
-        "samples_per_s": steady_rate(json.loads(times_path.read_text()), warmup),
+        "samples_per_s": steady_rate(json.loads(times_path.read_text()), warmup, batch_size),
         "summary_steady_samples_per_s": summary.get("steady_samples_per_s"),
         "final_loss": summary.get("final_loss"),
         **proc,
     }
 
 
-def open_clip_flags(data: dict, steps: int, model_name: str, run_dir: Path) -> dict:
+def open_clip_flags(data: dict, steps: int, model_name: str, run_dir: Path, batch_size: int = BATCH_SIZE) -> dict:
     """open_clip_train flags for the settings of configs/bench_cpu.yaml (optimiser, schedule, clipping, no eval)."""
     return {
         "--train-data": data["shards"],
-        "--train-num-samples": steps * BATCH_SIZE,
+        "--train-num-samples": steps * batch_size,
         "--dataset-type": "webdataset",
-        "--batch-size": BATCH_SIZE,
+        "--batch-size": batch_size,
         "--precision": "amp_bf16",
         "--workers": 1,
         "--epochs": 1,
@@ -181,11 +201,24 @@ def open_clip_flags(data: dict, steps: int, model_name: str, run_dir: Path) -> d
     }
 
 
-def run_theirs(data: dict, steps: int, warmup: int, run_dir: Path, anchor_python: str, model_json: Path) -> dict:
+def run_theirs(
+    data: dict,
+    steps: int,
+    warmup: int,
+    run_dir: Path,
+    anchor_python: str,
+    model_json: Path,
+    batch_size: int = BATCH_SIZE,
+    overrides: dict | None = None,
+    extra: list[str] = (),
+) -> dict:
+    """open_clip_train on the bench shards; ``overrides`` replace flags of ``open_clip_flags``, ``extra`` are
+    appended (switches such as ``--dataset-resampled``)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)  # open_clip refuses to reuse an experiment folder
-    flags = open_clip_flags(data, steps, model_json.stem, run_dir)
-    cmd = [anchor_python, str(REPO_ROOT / "bench" / "_anchor.py"), "train", str(model_json), "--", *_flags(flags)]
+    flags = {**open_clip_flags(data, steps, model_json.stem, run_dir, batch_size), **(overrides or {})}
+    cmd = [anchor_python, str(REPO_ROOT / "bench" / "_anchor.py"), "train", str(model_json), "--"]
+    cmd += [*_flags(flags), *extra]
     log = run_dir.parent / f"{run_dir.name}.log"
     proc = run_logged(cmd, log, env=bench_env(PYTHONPATH=""))
     steps_seen = [(int(n), float(t)) for n, t in _OPEN_CLIP_STEP.findall(log.read_text())]
@@ -194,7 +227,7 @@ def run_theirs(data: dict, steps: int, warmup: int, run_dir: Path, anchor_python
     batch_times = [t for _, t in steps_seen]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # its end-of-epoch checkpoint is not needed
     return {
-        "samples_per_s": BATCH_SIZE * (len(batch_times) - 1 - warmup) / sum(batch_times[warmup + 1 :]),
+        "samples_per_s": batch_size * (len(batch_times) - 1 - warmup) / sum(batch_times[warmup + 1 :]),
         **proc,
     }
 
@@ -248,7 +281,7 @@ HEADERS = [
 ]
 
 
-def main(argv: list[str]) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench train", description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=50, help="training steps per run")
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the steady state")
@@ -256,81 +289,60 @@ def main(argv: list[str]) -> None:
     p.add_argument("--anchor-python", default=DEFAULT_ANCHOR_PYTHON, help="python of the open_clip anchor venv")
     p.add_argument("--no-anchor", action="store_true", help="measure this project only")
     p.add_argument("--ours-args", default="", help="extra train.py overrides for our runs (one string)")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=30.0,
-        help="before each run, wait up to this many seconds for other processes to go quiet",
-    )
+    p.add_argument("--quiet-wait", type=float, default=30.0, help="max wait for a quiet machine before each run, s")
     p.add_argument("--gpu", action="store_true", help="GPU benchmark (not implemented yet, see BENCHMARKS.md)")
     p.add_argument("--name", default="train", help="results go to bench/results/<name>.json")
-    a = p.parse_args(argv)
+    return p
+
+
+def measure_model(data: dict) -> tuple[float, dict]:
+    """Mean trimmed text length of a batch, and FLOPs per sample at 128 tokens and at that length."""
+    text_len = mean_batch_text_length(data["shards"], data["tokenizer"])
+    counted = flops_per_sample(data["tokenizer"], [128, round(text_len)])
+    return text_len, {128: counted[128], "trimmed": counted[round(text_len)]}
+
+
+def main(argv: list[str]) -> None:
+    a = _parser().parse_args(argv)
     if a.gpu:
         raise SystemExit("python -m bench train --gpu: not implemented yet (no GPU in the session that wrote it)")
     anchor = None if a.no_anchor else check_anchor_python(a.anchor_python)
-
     data = ensure_bench_data()
     machine = machine_info()
     print(f"[bench] {machine['cpu']}, {machine['cores']} cores, load {machine['load_avg_1m']}", flush=True)
-    text_len = mean_batch_text_length(data["shards"], data["tokenizer"])
-    counted = flops_per_sample(data["tokenizer"], [128, round(text_len)])
-    flops = {128: counted[128], "trimmed": counted[round(text_len)]}
+    text_len, flops = measure_model(data)
     wait_for_quiet(a.quiet_wait)
     rates = matmul_rates()
-    print(
-        f"[bench] mm peak GFLOP/s {rates}; GFLOP/sample {flops[128] / 1e9:.2f} at 128 tokens, "
-        f"{flops['trimmed'] / 1e9:.2f} at the trimmed {text_len:.0f}",
-        flush=True,
-    )
 
     run_root = RESULTS_DIR / "runs" / a.name
     model_json = open_clip_model_json(data["tokenizer"], run_root)
-    runs: dict[str, list] = {"ours": [], "theirs": []}
     sides = [("ours", lambda i: run_ours(data, a.steps, a.warmup, run_root / f"ours-{i}", a.ours_args.split()))]
     if anchor:
         sides.append(
             ("theirs", lambda i: run_theirs(data, a.steps, a.warmup, run_root / f"theirs-{i}", anchor, model_json))
         )
-    for i in range(a.repeats):
-        for side, run in sides:
-            quiet = wait_for_quiet(a.quiet_wait)
-            r = {**run(i), "busy_cores_before": quiet}
-            runs[side].append(r)
-            print(
-                f"[bench] {side:6s} #{i}: {r['samples_per_s']:.2f} samples/s, peak PSS {r['peak_pss_mb']:.0f} MB, "
-                f"other processes {r['foreign_cores']:.2f} cores",
-                flush=True,
-            )
+    runs = {"theirs": [], **alternate(sides, a.repeats, a.quiet_wait)}
     wait_for_quiet(a.quiet_wait)
-    rates_end = matmul_rates()
-    rates = {k: max(rates[k], rates_end[k]) for k in rates}
+    rates_after = matmul_rates()
+    rates = {k: max(v, rates_after[k]) for k, v in rates.items()}  # the peak: best of before and after
 
     rows, summary = summarise(runs, flops, rates)
-    table = markdown_table(HEADERS, rows)
-    notes = (
-        f"\nmatmul peak: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; model fwd+bwd "
+    table = markdown_table(HEADERS, rows) + (
+        f"\n\nmatmul peak: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; model fwd+bwd "
         f"{flops[128] / 1e9:.2f} GFLOP/sample at 128 tokens, {flops['trimmed'] / 1e9:.2f} at the mean trimmed batch "
         f"length {text_len:.0f} (MFU counts the latter for both sides, HFU what each side executes)"
+        + (f"; medclip-train / open_clip = {summary['ratio']:.2f}x" if "ratio" in summary else "")
     )
-    if "ratio" in summary:
-        notes += f"; medclip-train / open_clip = {summary['ratio']:.2f}x"
-    print(table + notes)
+    print(table)
     result = {
         "machine": machine,
         "command": "python -m bench train " + " ".join(argv),
-        "settings": {
-            "steps": a.steps,
-            "warmup": a.warmup,
-            "repeats": a.repeats,
-            "batch_size": BATCH_SIZE,
-            "ours_args": a.ours_args,
-            "preset": PRESET,
-        },
+        "settings": {**vars(a), "batch_size": BATCH_SIZE, "preset": PRESET},
         "matmul_gflops": rates,
         "gflop_per_sample": {"context_128": flops[128] / 1e9, "trimmed": flops["trimmed"] / 1e9},
         "mean_trimmed_text_length": text_len,
         "runs": runs,
         "summary": summary,
-        "table": table + notes,
+        "table": table,
     }
     print(f"[bench] wrote {write_result(a.name, result)}")

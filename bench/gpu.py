@@ -1,0 +1,224 @@
+"""GPU training throughput: the BiomedCLIP preset at batch 256 in bf16, this project's loop against open_clip_train.
+
+``python -m bench gpu`` (on a machine with a CUDA GPU) runs, alternately, ``train.py fit`` and open_clip_train
+(anchor python, see README.md) on the bench shards with ViT-B/16 at 224 px + a PubMedBERT-sized text tower
+(12 layers, 768 wide, context 256; architecture only, random init, so nothing is downloaded), embed 512,
+batch 256, bf16 autocast, the same number of loader workers. Reported per side: steady samples/s, MFU against the
+bf16 ``torch.mm`` rate measured on the same GPU in the same run, and peak GPU memory (``nvidia-smi``, the most
+memory in use on the card during the run, less what was in use before it).
+
+``--device cpu`` with a small ``--preset``/``--batch-size`` runs the same code path on a CPU (a smoke test of the
+command, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import threading
+
+from bench.common import (
+    DEFAULT_ANCHOR_PYTHON,
+    RESULTS_DIR,
+    alternate,
+    check_anchor_python,
+    ensure_bench_data,
+    machine_info,
+    markdown_table,
+    mean,
+    write_result,
+)
+from bench.train import flops_per_sample, mean_batch_text_length, open_clip_model_json, run_ours, run_theirs
+
+PRESET = "biomedclip_vit_b16_pubmedbert256"
+TEXT_MODEL = "builtin:pubmedbert-base"  # PubMedBERT's architecture, no weights: the machine may be offline
+
+
+class GpuMemory:
+    """Peak memory in use on GPU 0 while the context is open, less the memory in use when it opened (MiB)."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s = interval_s
+        self.peak = self.base = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def used_mib() -> float:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"],
+            capture_output=True,
+            text=True,
+        )
+        return float(out.stdout.strip() or 0)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.used_mib())
+
+    def __enter__(self) -> GpuMemory:
+        self.base = self.peak = self.used_mib()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak - self.base
+
+
+def gpu_matmul_rates(n: int = 8192, repeats: int = 20) -> dict:
+    """``torch.mm`` rate on the GPU in GFLOP/s: bf16, and fp32 with TF32 off (the best of ``repeats``)."""
+    import torch
+
+    rates = {}
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        a, b = torch.randn(n, n, dtype=dtype, device="cuda"), torch.randn(n, n, dtype=dtype, device="cuda")
+        torch.mm(a, b)
+        best = 0.0
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            end.synchronize()
+            best = max(best, 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e9)
+        rates[name] = round(best, 1)
+    return rates
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60, help="training steps per run")
+    p.add_argument("--warmup", type=int, default=15, help="steps left out of the steady state")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs per side")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=8, help="loader workers, both sides")
+    p.add_argument("--preset", default=PRESET)
+    p.add_argument("--text-model", default=TEXT_MODEL)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke test of the command")
+    p.add_argument("--anchor-python", default=DEFAULT_ANCHOR_PYTHON, help="python with open_clip 3.3 + wds 0.2.86")
+    p.add_argument("--no-anchor", action="store_true", help="measure this project only")
+    p.add_argument("--name", default="gpu", help="results go to bench/results/<name>.json")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    a = _parser().parse_args(argv)
+    import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("python -m bench gpu: no CUDA GPU visible (torch.cuda.is_available() is False)")
+    anchor = None if a.no_anchor else check_anchor_python(a.anchor_python)
+    data = ensure_bench_data()
+    machine = machine_info()
+    if a.device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(0)
+        rates = gpu_matmul_rates()
+    else:
+        from bench.common import matmul_rates
+
+        rates = matmul_rates()
+    text_len = mean_batch_text_length(data["shards"], data["tokenizer"], context_length=256, batch_size=a.batch_size)
+    # FLOPs per sample hardly depend on the batch (the loss's B x B logits are < 0.01%): counted at batch 8.
+    flops = flops_per_sample(
+        data["tokenizer"], [256, round(text_len)], a.preset, a.text_model, batch_size=8, device=a.device
+    )
+    print(f"[bench] {machine}; mm GFLOP/s {rates}; GFLOP/sample {flops[round(text_len)] / 1e9:.1f}", flush=True)
+
+    run_root = RESULTS_DIR / "runs" / a.name
+    model_json = open_clip_model_json(data["tokenizer"], run_root, preset=a.preset, text_model=a.text_model)
+    samples = a.steps * a.batch_size
+    ours_args = [
+        *("--trainer.accelerator", "gpu" if a.device == "cuda" else "cpu"),
+        *("--model.clip.preset", a.preset, "--model.clip.text_model", a.text_model),
+        *("--data.batch_size", str(a.batch_size), "--data.num_workers", str(a.workers)),
+        # The bench set has 3000 samples: draw shards with replacement so that any batch size x steps fits.
+        *("--data.epoch_mode", "resampled", "--data.samples_per_epoch", str(samples)),
+    ]
+    theirs_flags = {"--device": a.device, "--batch-size": a.batch_size, "--workers": a.workers}
+
+    def measured(run):
+        def go(i: int) -> dict:
+            if a.device != "cuda":
+                return run(i)
+            with GpuMemory() as mem:
+                r = run(i)
+            return {**r, "peak_gpu_mib": mem.peak_mib}
+
+        return go
+
+    sides = [
+        (
+            "ours",
+            measured(
+                lambda i: run_ours(data, a.steps, a.warmup, run_root / f"ours-{i}", ours_args, batch_size=a.batch_size)
+            ),
+        )
+    ]
+    if anchor:
+        sides.append(
+            (
+                "theirs",
+                measured(
+                    lambda i: run_theirs(
+                        data,
+                        a.steps,
+                        a.warmup,
+                        run_root / f"theirs-{i}",
+                        anchor,
+                        model_json,
+                        batch_size=a.batch_size,
+                        overrides=theirs_flags,
+                        extra=["--dataset-resampled"],
+                    )
+                ),
+            )
+        )
+    runs = {"theirs": [], **alternate(sides, a.repeats, quiet_wait=0 if a.device == "cuda" else 10)}
+    rows, summary = [], {}
+    for side, label, executed in (("ours", "medclip-train", round(text_len)), ("theirs", "open_clip 3.3", 256)):
+        if not runs[side]:
+            continue
+        sps = mean([r["samples_per_s"] for r in runs[side]])
+        summary[side] = {
+            "samples_per_s": sps,
+            "mfu_bf16": sps * flops[round(text_len)] / (rates["bf16"] * 1e9),
+            "hfu_bf16": sps * flops[executed] / (rates["bf16"] * 1e9),
+            "peak_gpu_mib": max((r.get("peak_gpu_mib", 0.0) for r in runs[side]), default=0.0),
+        }
+        s = summary[side]
+        rows.append(
+            [
+                label,
+                " / ".join(f"{r['samples_per_s']:.0f}" for r in runs[side]),
+                sps,
+                f"{100 * s['mfu_bf16']:.0f}%",
+                f"{100 * s['hfu_bf16']:.0f}%",
+                round(s["peak_gpu_mib"]),
+            ]
+        )
+    if "ours" in summary and "theirs" in summary:
+        summary["ratio"] = summary["ours"]["samples_per_s"] / summary["theirs"]["samples_per_s"]
+    headers = ["loop", "samples/s per run", "mean samples/s", "MFU (bf16 mm)", "HFU (bf16 mm)", "peak GPU MiB"]
+    table = markdown_table(headers, rows) + (
+        f"\n\nmatmul peak: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
+        f"{flops[round(text_len)] / 1e9:.1f} GFLOP/sample at the mean trimmed text length {text_len:.0f}"
+        + (f"; medclip-train / open_clip = {summary['ratio']:.2f}x" if "ratio" in summary else "")
+    )
+    print(table)
+    result = {
+        "machine": machine,
+        "command": "python -m bench gpu " + " ".join(argv),
+        "settings": vars(a),
+        "matmul_gflops": rates,
+        "gflop_per_sample": {str(k): v / 1e9 for k, v in flops.items()},
+        "runs": runs,
+        "summary": summary,
+        "table": table,
+    }
+    print(f"[bench] wrote {write_result(a.name, result)}")
