@@ -92,7 +92,8 @@ class OptimConfig:
     max_logit_scale: float = 100.0
     """The logit scale is clamped to ln(max_logit_scale) after every step."""
     fused: bool | None = None
-    """Fused AdamW (default: on CUDA)."""
+    """Fused AdamW (default: on CPU and CUDA, except with 16-mixed; on CPU 10 instead of 34 ms per optimizer step
+    for the bench model). ``false``: foreach AdamW."""
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant", "const-cooldown"):

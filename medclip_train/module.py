@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -234,12 +234,12 @@ class CLIPModule(L.LightningModule):
         total = self.trainer.max_steps
         if total is None or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
-        on_cuda = self.device.type == "cuda" or torch.cuda.is_available() and self.trainer.num_devices > 0
-        precision = str(self.trainer.precision)
         cfg = self.optim_cfg
-        if cfg.fused is None and ("16-mixed" == precision or not on_cuda):
-            cfg = OptimConfig(**{**asdict(cfg), "fused": False})
-        optimizer, scheduler = build_optimizer(self.model, cfg, total, on_cuda)
+        if cfg.fused is None:
+            # torch has fused AdamW kernels for CPU and CUDA; Lightning's fp16 grad scaler is kept on the foreach path.
+            fused_kernels = self.device.type in ("cpu", "cuda")
+            cfg = replace(cfg, fused=fused_kernels and str(self.trainer.precision) != "16-mixed")
+        optimizer, scheduler = build_optimizer(self.model, cfg, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

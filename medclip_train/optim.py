@@ -69,9 +69,8 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return fn
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int, on_cuda: bool):
-    fused = cfg.fused if cfg.fused is not None else on_cuda
-    kwargs = {"fused": True} if fused else {"foreach": True}
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    kwargs = {"fused": True} if cfg.fused else {"foreach": True}
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     return optimizer, scheduler
