@@ -123,10 +123,13 @@ def main(argv: list[str]) -> None:
         from bench.common import matmul_rates
 
         rates = matmul_rates()
-    text_len = mean_batch_text_length(data["shards"], data["tokenizer"], context_length=256, batch_size=a.batch_size)
+    from medclip_train.model.presets import get_preset
+
+    context = get_preset(a.preset)["model_cfg"]["text_cfg"]["context_length"]  # open_clip pads every caption to it
+    text_len = mean_batch_text_length(data["shards"], data["tokenizer"], context, batch_size=a.batch_size)
     # FLOPs per sample hardly depend on the batch (the loss's B x B logits are < 0.01%): counted at batch 8.
     flops = flops_per_sample(
-        data["tokenizer"], [256, round(text_len)], a.preset, a.text_model, batch_size=8, device=a.device
+        data["tokenizer"], [context, round(text_len)], a.preset, a.text_model, batch_size=8, device=a.device
     )
     print(f"[bench] {machine}; mm GFLOP/s {rates}; GFLOP/sample {flops[round(text_len)] / 1e9:.1f}", flush=True)
 
@@ -181,7 +184,7 @@ def main(argv: list[str]) -> None:
         )
     runs = {"theirs": [], **alternate(sides, a.repeats, quiet_wait=0 if a.device == "cuda" else 10)}
     rows, summary = [], {}
-    for side, label, executed in (("ours", "medclip-train", round(text_len)), ("theirs", "open_clip 3.3", 256)):
+    for side, label, executed in (("ours", "medclip-train", round(text_len)), ("theirs", "open_clip 3.3", context)):
         if not runs[side]:
             continue
         sps = mean([r["samples_per_s"] for r in runs[side]])

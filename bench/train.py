@@ -118,12 +118,12 @@ def flops_per_sample(
     from medclip_train.losses import ContrastiveLoss
     from medclip_train.model.factory import build_model
 
-    model = build_model(ModelConfig(preset=preset, tokenizer=tokenizer, text_model=text_model)).model.train()
-    model = model.to(device)
+    built = build_model(ModelConfig(preset=preset, tokenizer=tokenizer, text_model=text_model))
+    model, size = built.model.train().to(device), built.model_cfg["vision_cfg"]["image_size"]
     loss_fn = ContrastiveLoss()
     out = {}
     for length in text_lengths:
-        images = torch.randn(batch_size, 3, 224, 224, device=device)
+        images = torch.randn(batch_size, 3, size, size, device=device)
         text = torch.randint(5, 500, (batch_size, length), device=device)
         counter = FlopCounterMode(display=False)
         with counter, sdpa_kernel(SDPBackend.MATH):
