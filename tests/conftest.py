@@ -59,28 +59,10 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
     Its vocabulary (< 1000 tokens) fits the 4096-token embedding of the ``tiny`` preset's BERT.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    # data_prep's builder, not tokenizers' WordPieceTrainer: that trainer breaks ties between merges in hash-map
+    # order, so each test session got a different vocabulary and training tests a different run.
+    from data_prep.tokenizer import train_wordpiece
 
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=1000, special_tokens=special, show_progress=False)
-    tok.train_from_iterator(CLINICAL_SENTENCES, trainer=trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=512,
-    )
     out = tmp_path_factory.mktemp("tiny_tokenizer")
-    fast.save_pretrained(out)
+    train_wordpiece(CLINICAL_SENTENCES, out, vocab_size=1000)
     return Path(out)
