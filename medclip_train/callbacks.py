@@ -12,6 +12,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -93,6 +94,20 @@ class RunSummary(L.Callback):
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, self.filename), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step of a run that ends normally.
+
+    Lightning writes ``last.ckpt`` at train end only when no last checkpoint was written during the run, so with
+    ``max_steps`` not a multiple of ``every_n_train_steps`` the steps after the last periodic save were lost.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
 
 
 class CheckpointOnSigterm(L.Callback):

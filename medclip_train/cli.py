@@ -10,11 +10,10 @@ import os
 import sys
 import warnings
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from medclip_train.callbacks import AtomicCheckpointIO, CheckpointOnSigterm, EvalCallback, RunSummary
+from medclip_train.callbacks import AtomicCheckpointIO, CheckpointOnSigterm, EvalCallback, RunCheckpoint, RunSummary
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.module import CLIPModule
 
@@ -35,7 +34,7 @@ for _message in (
 
 class MedCLIPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.filename": "step{step:07d}",

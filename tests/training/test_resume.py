@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medclip_train.config import OptimConfig
+from medclip_train.model.loading import read_project_checkpoint
 from medclip_train.optim import lr_lambda
 from tests.training.conftest import (
     KeyRecorder,
@@ -114,3 +115,12 @@ def test_sigterm_saves_a_checkpoint_then_the_run_resumes(tmp_path, shards, tok):
     run_cli(fit_args(tok, pattern, root, *common, "--ckpt_path", "last"))
     summary = read_summary(root)
     assert (summary["steps"], summary["steps_this_run"]) == (8, 3)
+
+
+def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path, shards, tok):
+    """max_steps 5 with saves every 2 steps: Lightning alone would leave last.ckpt at step 4 (step 5 lost)."""
+    root = tmp_path / "run"
+    run_cli(fit_args(tok, shards([8, 8]), root, "--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "2"))
+    last = read_project_checkpoint(root / "last.ckpt")
+    assert last["global_step"] == 5
+    assert (root / "step0000004.ckpt").is_file()  # the periodic saves are still there
