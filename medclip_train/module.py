@@ -118,9 +118,16 @@ class CLIPModule(L.LightningModule):
         k = min(self.accumulation_steps, images.shape[0])
         if k == 1:
             loss, parts = self._loss(self.model(images, text), labels)
-            self.manual_backward(loss)
+            self._backward(loss)
             return loss.detach(), parts
         return self._grad_cache_backward(images, text, labels, k)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # Lightning runs training_step, and so this backward, under its autocast context. PyTorch's AMP guidance is to
+        # autocast the forward and loss only (open_clip does); a backward under autocast re-dispatches its ops through
+        # autocast and was 8% slower per step on CPU (bench model, 3 alternating pairs: 24.3 vs 22.5 samples/s).
+        with torch.autocast(self.device.type, enabled=False):
+            self.manual_backward(loss)
 
     def _grad_cache_backward(self, images, text, labels, k: int):
         image_chunks, text_chunks = images.chunk(k), text.chunk(k)
@@ -155,7 +162,7 @@ class CLIPModule(L.LightningModule):
             last = i == k - 1
             ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
             with ctx:
-                self.manual_backward(surrogate)
+                self._backward(surrogate)
         return loss.detach(), parts
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
