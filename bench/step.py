@@ -8,7 +8,9 @@ on random inputs, once per variant, each in a fresh process, variants alternatin
 * ``sdpa``: timm's fused scaled-dot-product attention instead;
 * ``foreach-adamw``: AdamW with ``foreach=True`` instead of ``fused=True``;
 * ``channels-last``: model and images in channels-last memory format;
-* ``compile``: ``torch.compile`` (inductor, default mode) of the model's forward.
+* ``compile``: ``torch.compile`` (inductor, default mode) of the model's forward;
+* ``backward-under-autocast``: ``loss.backward()`` inside the autocast block (what Lightning's precision context
+  did to the module's manual backward before ``CLIPModule._backward`` switched autocast off for it).
 
 It isolates the compute from the data pipeline: the gap between this rate and ``python -m bench train``'s is what
 the loader worker and Lightning cost.
@@ -32,7 +34,7 @@ from bench.common import (
     write_result,
 )
 
-VARIANTS = ("default", "sdpa", "foreach-adamw", "channels-last", "compile")
+VARIANTS = ("default", "sdpa", "foreach-adamw", "channels-last", "compile", "backward-under-autocast")
 PRESET, BATCH, TEXT_LENGTH = "bench_cpu_vit_tiny_bert_mini", 32, 75
 
 
@@ -60,7 +62,10 @@ def child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             f = forward(images, text)
             loss = loss_fn(f["image_features"], f["text_features"], f["logit_scale"])
-        loss.backward()
+            if variant == "backward-under-autocast":
+                loss.backward()
+        if variant != "backward-under-autocast":
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
