@@ -16,6 +16,7 @@ from PIL import Image
 from medclip_train.config import ModelConfig
 from medclip_train.export import export_checkpoint
 from medclip_train.module import CLIPModule
+from tests.training.conftest import bare_trainer
 
 CAPTIONS = ["chest x-ray with a nodule", "axial ct of the abdomen", "mri of the brain"]
 
@@ -121,14 +122,7 @@ def test_open_clip_folder_is_imported_and_training_starts_from_it(tmp_path, tiny
 
     shards = make_shards(tmp_path / "shards", [8], image_size=64)
     dm = WebDataModule(train=shard_pattern(shards), batch_size=8, num_workers=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer()
     trainer.fit(module, datamodule=dm)
     moved = max(
         (module.model.state_dict()[k].float() - v.float()).abs().max().item() for k, v in source.state_dict().items()

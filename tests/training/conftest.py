@@ -109,6 +109,19 @@ def callback_arg(cls: type, **init_args) -> str:
 
 
 # ---- runs ------------------------------------------------------------------------------------------------------------
+def bare_trainer(**kwargs) -> L.Trainer:
+    """A one-step CPU ``Trainer`` that writes nothing (no logger, checkpoints, progress bar or summary)."""
+    defaults = {
+        "max_steps": 1,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return L.Trainer(**{**defaults, **kwargs})
+
+
 def fit_args(tokenizer: Path, pattern: str, root: Path, *extra: str) -> list[str]:
     """``fit`` arguments of a tiny run on ``pattern`` into ``root``."""
     head = ["fit", "--config", TINY_CONFIG, "--model.clip.tokenizer", str(tokenizer)]

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from medclip_train.config import ModelConfig
 from medclip_train.module import CLIPModule
+from tests.training.conftest import bare_trainer
 
 CAPTIONS = [
     "chest x-ray with a nodule on the left",
@@ -34,17 +35,7 @@ class GradCapture(L.Callback):
 def lightning_grads(module: CLIPModule, batch: dict) -> dict[str, torch.Tensor]:
     """One real ``Trainer.fit`` step of ``module`` on ``batch``; returns the gradients it computed."""
     capture = GradCapture()
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[capture],
-    )
+    trainer = bare_trainer(devices=1, precision="32-true", callbacks=[capture])
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
     assert trainer.accumulate_grad_batches == 1, "Lightning's accumulation would contrast micro-batches apart"
     return capture.grads
@@ -100,14 +91,6 @@ def test_naive_micro_batch_accumulation_would_differ(module_and_batch):
 
 def test_lightning_accumulate_grad_batches_is_refused_with_manual_optimisation(module_and_batch):
     module, batch = module_and_batch
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        accumulate_grad_batches=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer(accumulate_grad_batches=4)
     with pytest.raises(Exception, match="accumulate_grad_batches"):
         trainer.fit(copy.deepcopy(module), train_dataloaders=DataLoader([batch], batch_size=None))

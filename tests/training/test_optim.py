@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from medclip_train.config import ModelConfig, OptimConfig
 from medclip_train.module import CLIPModule
+from tests.training.conftest import bare_trainer
 
 
 @pytest.mark.parametrize(
@@ -25,16 +25,7 @@ def test_adamw_kernel_on_cpu(tiny_tokenizer_dir, precision, fused, expected):
         "key": ["0", "1", "2", "3"],
     }
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer(devices=1, precision=precision)
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
     optimizer = trainer.optimizers[0]
     assert bool(optimizer.defaults["fused"]) is expected

@@ -28,7 +28,16 @@ from medclip_train.data.decode import SampleError, decode_image
 from medclip_train.model.factory import build_tokenizer, resolve_open_clip_cfg
 from medclip_train.module import CLIPModule
 from tests.shardkit import add_member, make_shards, shard_pattern
-from tests.training.conftest import KeyRecorder, callback_arg, fit_args, read_keys, read_summary, run_cli, train_py
+from tests.training.conftest import (
+    KeyRecorder,
+    bare_trainer,
+    callback_arg,
+    fit_args,
+    read_keys,
+    read_summary,
+    run_cli,
+    train_py,
+)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
@@ -178,15 +187,7 @@ class _Tiny(L.LightningModule):
 
 @pytest.mark.parametrize("crash", [_serialisation_fails, _copy_across_filesystems_fails])
 def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch, crash):
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        plugins=[AtomicCheckpointIO()],
-    )
+    trainer = bare_trainer(default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()])
     trainer.fit(_Tiny(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(4, 4), batch_size=2))
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
