@@ -81,6 +81,10 @@ class CLIPModule(L.LightningModule):
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long), persistent=True)
+        # Built once and moved with the module: no host-to-device copy of the constants in every step.
+        for name in ("mean", "std"):
+            value = torch.tensor(self.preprocess_cfg[name], dtype=torch.float32)
+            self.register_buffer(f"pixel_{name}", value, persistent=False)
         self._consecutive_skips = 0
 
     # ---- data side -------------------------------------------------------------------------------------------------
@@ -95,7 +99,7 @@ class CLIPModule(L.LightningModule):
 
     def images(self, batch: dict) -> torch.Tensor:
         """The batch's images as model input: uint8 pixels from the loader are normalised here, on the device."""
-        return normalize_pixels(batch["image"], self.preprocess_cfg["mean"], self.preprocess_cfg["std"])
+        return normalize_pixels(batch["image"], self.pixel_mean, self.pixel_std)
 
     # ---- training ----------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
