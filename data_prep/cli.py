@@ -17,18 +17,58 @@ from data_prep.inspection import format_report, inspect_output
 from data_prep.records import PrepError
 from data_prep.writer import Summary, WriteOptions, write_dataset
 
+# The demo's own defaults: smaller shards than for real data so the demo's loaders get several shards; up to 4
+# processes. Every other converter takes WriteOptions' defaults. Both reach --help and the manifest from here only.
+DEMO_DEFAULTS = WriteOptions(samples_per_shard=500, jpeg_quality=90, workers=min(4, os.cpu_count() or 1))
 
-def _common_parser() -> argparse.ArgumentParser:
+
+def _common_parser(defaults: WriteOptions) -> argparse.ArgumentParser:
+    """The shared output options, with ``defaults`` as their defaults and in their help text.
+
+    A fresh parser per subcommand: argparse ``parents`` share their Action objects, so one subcommand's
+    ``set_defaults`` would change every other subcommand's defaults (the demo's 500 samples per shard leaked into
+    every converter's manifest while ``--help`` said 5000).
+    """
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("output options (every converter)")
     g.add_argument("--output", "-o", type=Path, required=True, help="output folder for shards and manifest")
-    g.add_argument("--samples-per-shard", type=int, default=5000, help="samples per tar shard (default 5000)")
-    g.add_argument("--max-image-side", type=int, default=None, help="resize so the longest side fits; never upscales")
-    g.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs (default 95)")
-    g.add_argument("--workers", type=int, default=1, help="image decode/encode processes; output order is unchanged")
+    g.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=defaults.samples_per_shard,
+        help="samples per tar shard (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-image-side",
+        type=int,
+        default=defaults.max_image_side,
+        help="resize so the longest side fits; never upscales (default: keep sizes)",
+    )
+    g.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=defaults.jpeg_quality,
+        help="quality of re-encoded JPEGs (default %(default)s)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="image decode/encode processes; output order is unchanged (default %(default)s)",
+    )
     g.add_argument("--dedupe", action="store_true", help="reject images whose pixels equal an earlier sample's")
-    g.add_argument("--min-caption-words", type=int, default=0, help="reject captions with fewer words")
-    g.add_argument("--seed", type=int, default=0, help="seed for shuffling, hashed splits and templates")
+    g.add_argument(
+        "--min-caption-words",
+        type=int,
+        default=defaults.min_caption_words,
+        help="reject captions with fewer words (default %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed for shuffling, hashed splits and templates (default %(default)s)",
+    )
     g.add_argument("--shuffle", action="store_true", help="shuffle records before writing (deterministic by seed)")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in --output")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -72,25 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     description = "Convert dataset releases to WebDataset shards, generate the demo set, inspect outputs."
     parser = argparse.ArgumentParser(prog="medclip-prep", description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    common = [_common_parser()]
 
-    p = sub.add_parser("roco", parents=common, help="ROCO v1 (GitHub data/ folder or Kaggle CSVs)")
+    def common(defaults: WriteOptions | None = None) -> list[argparse.ArgumentParser]:
+        return [_common_parser(defaults or WriteOptions())]
+
+    p = sub.add_parser("roco", parents=common(), help="ROCO v1 (GitHub data/ folder or Kaggle CSVs)")
     _add_input(p, "repository root, its data/ folder, or Kaggle all_data/")
     p.add_argument("--images-subdir", default="images", help="image folder inside each <split>/<class>/")
     p.set_defaults(run=_run_roco)
 
-    p = sub.add_parser("rocov2", parents=common, help="ROCOv2 ({split}_captions.csv, concepts, images)")
+    p = sub.add_parser("rocov2", parents=common(), help="ROCOv2 ({split}_captions.csv, concepts, images)")
     _add_input(p, "folder with {train,valid,test}_captions.csv")
     p.add_argument("--images", type=Path, default=None, help="folder holding {train,valid,test}/ (default: input)")
     p.set_defaults(run=_run_rocov2)
 
-    p = sub.add_parser("medicat", parents=common, help="MedICaT jsonl + figures/")
+    p = sub.add_parser("medicat", parents=common(), help="MedICaT jsonl + figures/")
     _add_input(p, "release folder or the jsonl file")
     p.add_argument("--figures", type=Path, default=None, help="figures folder (default: figures/ next to the jsonl)")
     _add_fractions(p)
     p.set_defaults(run=_run_medicat)
 
-    p = sub.add_parser("pmc-oa", parents=common, help="PMC-OA jsonl + image folder")
+    p = sub.add_parser("pmc-oa", parents=common(), help="PMC-OA jsonl + image folder")
     _add_input(p, "release folder or one jsonl file")
     p.add_argument(
         "--images", type=Path, default=None, help="image folder, .zip or .tar (default: found next to the jsonl)"
@@ -98,37 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fractions(p)
     p.set_defaults(run=_run_pmc_oa)
 
-    p = sub.add_parser("csv", parents=common, help="generic CSV table of image paths and captions")
+    p = sub.add_parser("csv", parents=common(), help="generic CSV table of image paths and captions")
     _add_input(p, "the CSV file")
     p.add_argument("--delimiter", default=",", help="field delimiter (default ,)")
     _add_table_columns(p)
     p.set_defaults(run=_run_table, reader="csv")
 
-    p = sub.add_parser("jsonl", parents=common, help="generic JSONL table of image paths and captions")
+    p = sub.add_parser("jsonl", parents=common(), help="generic JSONL table of image paths and captions")
     _add_input(p, "the JSONL file")
     _add_table_columns(p)
     p.set_defaults(run=_run_table, reader="jsonl")
 
-    p = sub.add_parser("imagefolder", parents=common, help="root/<class>/* images with caption templates")
+    p = sub.add_parser("imagefolder", parents=common(), help="root/<class>/* images with caption templates")
     _add_input(p, "root folder (root/<class>/* or root/<split>/<class>/*)")
     p.add_argument("--template", action="append", default=None, help="caption template with {c}; repeatable")
     p.add_argument("--class-name", action="append", default=[], metavar="FOLDER=NAME", help="display name; repeatable")
     _add_source_info(p, "imagefolder")
     p.set_defaults(run=_run_imagefolder)
 
-    p = sub.add_parser("medmnist", parents=common, help="MedMNIST v2 .npz (+ zero-shot folder of the test split)")
+    p = sub.add_parser("medmnist", parents=common(), help="MedMNIST v2 .npz (+ zero-shot folder of the test split)")
     _add_input(p, "the .npz file (breastmnist.npz, pathmnist_224.npz, ...)")
     p.add_argument("--subset", default=None, help="subset name when the file name does not say it")
     p.add_argument("--no-zeroshot", action="store_true", help="do not export OUT/zeroshot/<subset>/")
     p.set_defaults(run=_run_medmnist)
 
-    p = sub.add_parser("demo", parents=common, help="generate the procedural demo dataset")
+    p = sub.add_parser("demo", parents=common(DEMO_DEFAULTS), help="generate the procedural demo dataset")
     p.add_argument("--image-size", type=int, default=160, help="image side in pixels (default 160)")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--n-test", type=int, default=400)
-    # Smaller shards than for real data so the demo's loaders get several shards; all cores by default.
-    p.set_defaults(run=_run_demo, samples_per_shard=500, jpeg_quality=90, workers=min(4, os.cpu_count() or 1))
+    p.set_defaults(run=_run_demo)
 
     p = sub.add_parser("inspect", help="describe a converted folder")
     p.add_argument("output", type=Path, help="the converter's output folder")
