@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sys
 import tarfile
@@ -39,8 +40,13 @@ FORMAT_VERSION = 1
 SPLIT_ORDER = ("train", "val", "test")
 # Fixed member mtime: the same input gives byte-identical shards.
 _MTIME = 0
-# Names this tool writes into an output folder; --overwrite removes exactly these, nothing else.
-_OUR_GLOBS = ("*.tar", "*.tar.tmp", "sizes.json", "manifest.json", "rejected.jsonl", "*.json.tmp", "*.jsonl.tmp")
+# Written first into an output folder and removed once manifest.json is in place: it vouches that the folder's
+# shard-named files are this tool's while no manifest lists them yet (an interrupted or running conversion).
+MARKER = ".medclip-prep.json"
+# Names this tool writes into an output folder (each also as NAME.tmp while being written). Only these are ever
+# removed by --overwrite, and only when the folder's manifest or marker says medclip-prep wrote them.
+_SHARD_NAME = re.compile(r"[0-9A-Za-z_]+-[0-9]{6}\.tar")
+_OUR_FILES = ("sizes.json", "manifest.json", "rejected.jsonl", MARKER)
 _OUR_FOLDERS = ("zeroshot", "tokenizer")
 
 
@@ -127,29 +133,83 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def our_artifacts(output: Path) -> list[Path]:
-    """Files and folders in ``output`` that an earlier conversion wrote."""
-    found = {p for pattern in _OUR_GLOBS for p in output.glob(pattern)}
-    found.update(output / name for name in _OUR_FOLDERS if (output / name).is_dir())
-    return sorted(found)
+@dataclass
+class OutputSurvey:
+    """What an output folder holds, by who wrote it.
+
+    Attributes:
+        ours: an earlier conversion's files and folders: listed in its ``manifest.json``, or named like ours in a
+            folder carrying :data:`MARKER`. ``--overwrite`` replaces them.
+        in_the_way: named like files this tool writes (a conversion would overwrite them) but vouched for by no
+            manifest or marker: someone else's shards or an older tool's leftovers. Never removed.
+        others: everything else (the user's downloads, notes): always left alone.
+    """
+
+    ours: list[Path] = field(default_factory=list)
+    in_the_way: list[Path] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)
+
+
+def _listed_shards(output: Path) -> set[str] | None:
+    """Shard names listed by the folder's medclip-prep ``manifest.json``; ``None`` when there is no such manifest."""
+    try:
+        manifest = json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or "format_version" not in manifest or "name" not in manifest["converter"]:
+            return None
+        return {str(name) for split in manifest.get("splits", {}).values() for name in split.get("shards", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, unreadable or not ours
+        return None
+
+
+def survey_output(output: Path) -> OutputSurvey:
+    """Sort the entries of an existing output folder by who wrote them (see :class:`OutputSurvey`)."""
+    listed = _listed_shards(output)
+    marked = (output / MARKER).is_file()
+    survey = OutputSurvey()
+    for path in sorted(output.iterdir()):
+        base = path.name.removesuffix(".tmp")
+        if _SHARD_NAME.fullmatch(base):
+            ours = marked or (listed is not None and base in listed)
+        elif base in _OUR_FILES or path.name in _OUR_FOLDERS:
+            ours = marked or listed is not None
+        else:
+            survey.others.append(path)
+            continue
+        (survey.ours if ours else survey.in_the_way).append(path)
+    return survey
+
+
+def _names(paths: list[Path], limit: int = 5) -> str:
+    return ", ".join(p.name for p in paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def prepare_output(output: Path, overwrite: bool) -> None:
-    """Create the output folder, refusing to mix with an earlier conversion unless ``overwrite``.
+    """Create the output folder, refusing to mix with an earlier conversion unless ``overwrite``, and mark it.
 
     Resuming is not attempted: a shard's content depends on everything before it (dedupe, key collisions, shuffling),
     so the only clean restart is from scratch. ``--overwrite`` removes the earlier conversion's files (including
-    leftover ``*.tar.tmp`` from a crash) and leaves anything else in the folder alone.
+    leftover ``*.tar.tmp`` from a crash), and only those (see :class:`OutputSurvey`): files this tool would overwrite
+    but cannot tell it wrote are refused, anything else is left alone and named in a warning.
     """
     if output.exists() and not output.is_dir():
         raise PrepError(f"output {output} exists and is not a folder")
     output.mkdir(parents=True, exist_ok=True)
-    found = our_artifacts(output)
-    if found and not overwrite:
-        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+    found = survey_output(output)
+    if found.in_the_way:
+        raise PrepError(
+            f"output {output} holds {_names(found.in_the_way)}, which medclip-prep would overwrite but no "
+            "manifest.json or marker of it lists: move them away or choose another --output"
+        )
+    if found.ours and not overwrite:
+        names = _names(found.ours, 3)
         raise PrepError(f"output {output} already holds a conversion ({names}); pass --overwrite to replace it")
-    for path in found:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if overwrite and found.others:
+        print(f"medclip-prep: warning: --overwrite left alone {len(found.others)} item(s) in {output} that "
+              f"medclip-prep did not write: {_names(found.others)}", file=sys.stderr)  # fmt: skip
+    for path in found.ours:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    state = "conversion in progress or interrupted (no manifest.json yet)"
+    atomic_write_json(output / MARKER, {"written_by": "medclip-prep", "version": package_version(), "state": state})
 
 
 class ShardSink:
@@ -466,3 +526,4 @@ def write_dataset(
     atomic_write_json(output / "manifest.json", manifest)
     counts = manifest["counts"]
     return Summary(output, counts["read"], counts["written"], counts["rejected"], manifest["rejected"])
+    (output / MARKER).unlink()  # the manifest now says which files are ours

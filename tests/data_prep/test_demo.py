@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from data_prep.writer import MARKER
 from tests.data_prep.readback import check_accounting
 
 SMALL = ("--n-train", "48", "--n-val", "8", "--n-test", "16", "--image-size", "64", "--samples-per-shard", "20")
@@ -117,8 +118,9 @@ def test_demo_rerun_keeps_an_identical_demo_and_replaces_a_different_one(tmp_pat
     code, _, _ = run_cli("demo", "--output", out, *SMALL, "--seed", "3")  # another demo: replaced
     assert code == 0 and (out / "train-000000.tar").read_bytes() != before
     check_accounting(out)
-    # An interrupted demo (no manifest) or another conversion is not replaced without --overwrite.
+    # An interrupted demo (no manifest, the marker of a conversion in progress) is not replaced without --overwrite.
     (out / "manifest.json").unlink()
+    (out / MARKER).write_text("{}")
     code, _, err = run_cli("demo", "--output", out, *SMALL)
     assert code == 2 and "--overwrite" in err
     assert run_cli("demo", "--output", out, *SMALL, "--overwrite")[0] == 0

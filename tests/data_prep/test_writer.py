@@ -11,7 +11,7 @@ import pytest
 
 from data_prep.images import ArrayImage
 from data_prep.records import PrepError, Record
-from data_prep.writer import WriteOptions, write_dataset
+from data_prep.writer import MARKER, WriteOptions, write_dataset
 from tests.data_prep.conftest import jpeg_bytes
 from tests.data_prep.readback import check_accounting
 
@@ -31,7 +31,8 @@ def test_interrupted_run_leaves_no_complete_looking_output(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         write_dataset(records(30, fail_after=25), out, WriteOptions(samples_per_shard=2), "synthetic")
-    names = sorted(p.name for p in out.iterdir())
+    assert (out / MARKER).is_file()  # the folder says a conversion was interrupted in it
+    names = sorted(p.name for p in out.iterdir() if p.name != MARKER)
     assert names and all(n.endswith(".tar") for n in names)  # no .tmp, no sizes.json, manifest or rejections
     for shard in out.glob("*.tar"):
         with tarfile.open(shard) as tar:
@@ -50,6 +51,7 @@ def test_leftover_tmp_shard_and_missing_sizes_are_refused_then_replaced(tmp_path
     (out / "train-000000.tar.tmp").write_bytes(b"half a shard")
     (out / "train-000000.tar").write_bytes(b"a shard from a run that never wrote sizes.json")
     (out / "notes.txt").write_text("the user's own file")
+    (out / MARKER).write_text("{}")  # what an interrupted run leaves with its shards (else they may not be ours)
     folder = tmp_path / "folder" / "cls"
     folder.mkdir(parents=True)
     (folder / "a.jpg").write_bytes(jpeg_bytes())
