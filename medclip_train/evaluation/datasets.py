@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, pil_loader
 
+from data_prep.records import slug
 from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.prompts import PromptSet, default_prompt_set, load_prompt_set, parse_prompt_set
 
@@ -207,7 +208,10 @@ def _targets_from_labels(metas: list[dict], classes: list[str] | None, prefix: s
         if not classes:
             raise EvalInputError(f"--label-prefix {prefix!r}: no sample has a label starting with it")
     index = {c: i for i, c in enumerate(classes)}
-    per_sample = [[index[c] for c in labels if c in index] for labels in per_sample]
+    # Prompt sets are keyed by class folder (medclip-prep's folder-safe names, "normal_benign"), the shards' labels by
+    # name ("breastmnist:normal, benign"): a label that is not a class as it is matches by its folder name.
+    matched = [[index.get(c, index.get(slug(c))) for c in labels] for labels in per_sample]
+    per_sample = [list(dict.fromkeys(i for i in labels if i is not None)) for labels in matched]
     keep = np.array([i for i, labels in enumerate(per_sample) if labels], dtype=np.int64)
     if not len(keep):
         raise EvalInputError(f"--label-prefix {prefix!r}: no sample has a label of the classes {classes}")

@@ -34,13 +34,16 @@ def test_the_benchmarks_of_the_issue_are_shipped():
     assert EXPECTED_SETS <= set(shipped_prompt_sets())
 
 
-def test_medmnist_keys_are_label_indices_in_order():
+def test_medmnist_keys_are_the_class_folders_names_follow_them():
     prompts = load_prompt_set("medmnist_organamnist")
-    # dict keys "0".."10": the class order is by sorted folder name ("10" before "2"), names follow the keys
-    assert prompts.classnames[prompts.classes.index("10")] == "spleen"
-    assert load_prompt_set("medmnist_pathmnist", [str(i) for i in range(9)]).classnames[8] == (
-        "colorectal adenocarcinoma epithelium"
-    )
+    # keys are medclip-prep's class folders; the class order is by sorted folder name, names follow the keys
+    assert prompts.classes[:3] == ["bladder", "femur_left", "femur_right"]
+    assert prompts.classnames[prompts.classes.index("spleen")] == "spleen"
+    folders = ["cancer_associated_stroma", "colorectal_adenocarcinoma_epithelium"]
+    assert load_prompt_set("medmnist_pathmnist").subset(folders).classnames == [
+        "cancer-associated stroma",
+        "colorectal adenocarcinoma epithelium",
+    ]
 
 
 def write(tmp_path, data, suffix=".json"):
