@@ -524,6 +524,6 @@ def write_dataset(
         manifest["extras"] = finalize(output)
     atomic_write_json(output / "sizes.json", sizes)
     atomic_write_json(output / "manifest.json", manifest)
+    (output / MARKER).unlink()  # the manifest now says which files are ours
     counts = manifest["counts"]
     return Summary(output, counts["read"], counts["written"], counts["rejected"], manifest["rejected"])
-    (output / MARKER).unlink()  # the manifest now says which files are ours
