@@ -7,6 +7,7 @@ missing columns) is one ``medclip-prep: error: ...`` line on stderr and exit cod
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -295,8 +296,18 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
+def _os_error_line(e: OSError, output: Path | None) -> str:
+    """One line for an OS error that stopped a run (a full disk gets the folder named: the error names no file)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on device while writing {output}: its temporary files were removed, complete shards kept "
+            "(no manifest.json: free space, then rerun with --overwrite)"
+        )
+    return str(e) if e.filename else f"{e} (while writing {output})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``medclip-prep``; returns the exit code (0 ok, 1 ``inspect`` found problems, 2 bad input)."""
+    """Run ``medclip-prep``; returns the exit code: 0 ok, 1 writing failed or ``inspect`` saw problems, 2 bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "input_option"):
@@ -311,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrepError as e:
         print(f"medclip-prep: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk, not the input: the writer has removed its temporary files by now
+        print(f"medclip-prep: error: {_os_error_line(e, getattr(args, 'output', None))}", file=sys.stderr)
+        return 1
     if isinstance(result, Summary):
         print(result.line())
         if result.read and not result.written:

@@ -13,6 +13,7 @@ Every file is written under a ``.tmp`` name and renamed into place when complete
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
@@ -121,11 +122,17 @@ def package_version() -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``path`` so that it either does not exist or is complete (tmp file, fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        # Unbuffered: a failed write (disk full) raises once, not again from a buffered file's close().
+        with open(tmp, "wb", buffering=0) as f:
+            view = memoryview(data)
+            while view:
+                view = view[f.write(view) :]
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -246,10 +253,14 @@ class ShardSink:
         return dict(sorted(self.sizes.items()))
 
     def abort(self) -> None:
-        """Remove the shards still being written (after an error): no half shard is left behind."""
-        for f, tar, name in self._open.values():
-            tar.close()
-            f.close()
+        """Remove the shards still being written (after an error): no half shard is left behind.
+
+        The tar is not closed: that would write its end blocks into a file about to be deleted, and on a full disk
+        fail again, hiding the first error and leaving the ``.tmp`` behind.
+        """
+        for f, _, name in self._open.values():
+            with contextlib.suppress(OSError):  # flushing the buffer fails again on a full disk; the fd still closes
+                f.close()
             (self.output / (name + ".tmp")).unlink(missing_ok=True)
         self._open.clear()
 
@@ -260,12 +271,13 @@ class ShardSink:
         self._counts[split] = 0
 
     def _finish(self, split: str) -> None:
-        f, tar, name = self._open.pop(split)
+        f, tar, name = self._open[split]
         tar.close()
         f.flush()
         os.fsync(f.fileno())
         f.close()
         os.replace(self.output / (name + ".tmp"), self.output / name)
+        del self._open[split]  # only now: if anything above fails, abort() still removes the .tmp
         self.sizes[name] = self._counts[split]
         self.shards[split].append(name)
 
@@ -311,7 +323,8 @@ class _RejectionLog:
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # the buffered lines cannot be flushed on a full disk; the fd still closes
+            self._f.close()
         self._tmp.unlink(missing_ok=True)
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import pytest
 
+from data_prep import writer
 from data_prep.records import PrepError, Record
 from data_prep.writer import MARKER, WriteOptions, write_dataset
 from tests.data_prep.conftest import jpeg_bytes
@@ -98,3 +100,31 @@ def test_an_interrupted_run_is_marked_and_replaced(tmp_path):
     check_accounting(out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.me", "manifest.json", "rejected.jsonl", "sizes.json",
                                                      "train-000000.tar"]  # fmt: skip
+
+
+@pytest.mark.parametrize("full_file", ["train-000000.tar.tmp", "rejected.jsonl.tmp", "manifest.json.tmp"])
+def test_disk_full_is_one_line_and_leaves_no_temporary_file(full_file, tmp_path, run_cli, monkeypatch):
+    """A real ENOSPC from the kernel: the file medclip-prep is about to write is a link to /dev/full.
+
+    The link is made right after the output folder is prepared (as a disk filling up mid-run would), for a shard,
+    for the rejection log (written as records are rejected, closed at the end) and for the manifest (written last).
+    """
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    prepare = writer.prepare_output
+
+    def prepare_then_fill(output, overwrite):
+        prepare(output, overwrite)
+        (output / full_file).symlink_to("/dev/full")
+
+    monkeypatch.setattr(writer, "prepare_output", prepare_then_fill)
+    folder = image_folder(tmp_path / "images", n=6)
+    (folder / "cls" / "broken.jpg").write_bytes(b"not a jpeg")  # one rejection, so rejected.jsonl gets a line
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("imagefolder", folder, "-o", out, "--samples-per-shard", "4")
+    assert code == 1 and stdout == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("medclip-prep: error: no space left on device") and str(out) in err
+    assert sorted(p.name for p in out.glob("*.tmp")) == []
+    assert not (out / "manifest.json").exists()  # the folder does not look complete
+    assert (out / MARKER).is_file()  # and says a conversion was interrupted in it
