@@ -306,6 +306,19 @@ def _os_error_line(e: OSError, output: Path | None) -> str:
     return str(e) if e.filename else f"{e} (while writing {output})"
 
 
+def _nothing_written_line(summary: Summary) -> str:
+    """Why a conversion wrote no sample: its most frequent rejection reason, or an input without records."""
+    if not summary.read:
+        return f"nothing written: no records found in the input (see {summary.output / 'manifest.json'})"
+    reasons = summary.rejected_by_reason
+    top = max(reasons, key=reasons.get)  # ties: the first by name, as the manifest lists reasons
+    hint = " (are the images downloaded and --images right?)" if top == "missing_image" else ""
+    return (
+        f"nothing written: every record rejected, mostly {top} ({reasons[top]} of {summary.read}){hint}; "
+        f"see {summary.output / 'rejected.jsonl'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``medclip-prep``; returns the exit code: 0 ok, 1 writing failed or ``inspect`` saw problems, 2 bad input."""
     parser = build_parser()
@@ -327,10 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if isinstance(result, Summary):
         print(result.line())
-        if result.read and not result.written:
-            top = max(result.rejected_by_reason, key=result.rejected_by_reason.get)
-            hint = " (are the images downloaded and --images right?)" if top == "missing_image" else ""
-            print(f"medclip-prep: warning: nothing written, every record rejected, mostly {top}{hint}", file=sys.stderr)
+        if not result.written:  # a failure scripts must see: the next step would train on nothing
+            print(f"medclip-prep: error: {_nothing_written_line(result)}", file=sys.stderr)
+            return 1
         return 0
     return result
 
