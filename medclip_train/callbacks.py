@@ -1,5 +1,5 @@
-"""Callbacks of every run: throughput and the run summary, periodic zero-shot/retrieval evaluation, checkpoint on
-SIGTERM; and the checkpoint writer that never leaves a half-written file in place of a good one."""
+"""Callbacks of every run: throughput and the run summary, periodic zero-shot/retrieval evaluation, a stop of all
+ranks on SIGTERM/SIGUSR1; and the checkpoint writer that never leaves a half-written file in place of a good one."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -15,7 +16,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def _peak_rss_mb() -> float:
@@ -90,10 +90,20 @@ class RunSummary(L.Callback):
             "precision": str(trainer.precision),
             "eval": eval_metrics,
             "eval_before": eval_before,
+            "checkpoint": _last_checkpoint(trainer),
+            "stopped_by": next((cb.stopped_by for cb in trainer.callbacks if isinstance(cb, Preemption)), None),
         }
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, self.filename), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+
+
+def _last_checkpoint(trainer) -> dict | None:
+    """The checkpoint this summary describes: the run's ``last.ckpt`` as saved at the end, with its step."""
+    cb = trainer.checkpoint_callback
+    if cb is None or not getattr(cb, "last_model_path", ""):
+        return None
+    return {"path": os.path.abspath(cb.last_model_path), "step": int(cb._last_global_step_saved)}
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -110,20 +120,77 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-class CheckpointOnSigterm(L.Callback):
-    """Saves ``last.ckpt`` when the run stops on SIGTERM (a cluster scheduler's preemption or time limit).
+class Preemption(L.Callback):
+    """Preemption and time limits: SIGTERM, and SLURM's warning signal (``#SBATCH --signal=USR1@120``).
 
-    Lightning 2.x only turns SIGTERM into ``SIGTERMException`` at the end of the current step and saves nothing
-    (its SLURM requeue handler listens to SIGUSR1), so without this a preempted run would lose everything since
-    its last periodic checkpoint. ``--ckpt_path last`` resumes from here.
+    Every rank stops after the same step and ``last.ckpt`` is saved once, by the normal end of the run
+    (``RunCheckpoint``), with all ranks in its collectives. Lightning's own SIGTERM handler runs a broadcast
+    inside the signal handler and raises on the rank that got the signal; a rank that saw it first then waited in
+    the checkpoint's barrier while the others ran the next step's collectives, until the process-group timeout,
+    and nothing was saved. Here the handler only sets a flag; after each step the ranks agree on it with one
+    small all-reduce (MAX), so a signal to any one rank stops them all at that step boundary.
+
+    After SIGUSR1 under SLURM the job is requeued (``scontrol requeue``); the job script resumes with
+    ``--ckpt_path last``. The CLI exits with 128 + the signal number, so that a script sees the run did not finish.
     """
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: int | None = None
+        self.stopped_by: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
             return
-        checkpoint = trainer.checkpoint_callback
-        dirpath = getattr(checkpoint, "dirpath", None) or trainer.default_root_dir
-        trainer.save_checkpoint(os.path.join(dirpath, "last.ckpt"))
+        for name in self.SIGNALS:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        received = self.received or 0
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([received], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            received = int(flag.item())
+        if received and not self.stopped_by:
+            import signal
+
+            self.stopped_by = signal.Signals(received).name
+            trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def exit_code(self) -> int | None:
+        import signal
+
+        return 128 + int(getattr(signal, self.stopped_by)) if self.stopped_by else None
+
+    def requeue(self, is_global_zero: bool) -> None:
+        """``scontrol requeue`` of this SLURM job after SIGUSR1 (rank zero only)."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if self.stopped_by != "SIGUSR1" or not job or not is_global_zero:
+            return
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        import subprocess
+
+        result = subprocess.run(["scontrol", "requeue", job], check=False)
+        print(f"SLURM job {job} {'requeued' if result.returncode == 0 else 'could not be requeued'}", file=sys.stderr)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -6,16 +6,27 @@ Every run writes into ``trainer.default_root_dir`` (``checkpoints/<run>/``): the
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 import warnings
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from medclip_train.callbacks import AtomicCheckpointIO, CheckpointOnSigterm, EvalCallback, RunCheckpoint, RunSummary
+from medclip_train.callbacks import AtomicCheckpointIO, EvalCallback, Preemption, RunCheckpoint, RunSummary
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.module import CLIPModule
+from medclip_train.resume import check_resume, read_resume_state, resolve_checkpoint
+from medclip_train.run_dir import (
+    RunFolderBusy,
+    RunLock,
+    is_launcher_rank_zero,
+    keep_previous_metrics,
+    release_held_locks,
+    remove_stale_checkpoint_temporaries,
+)
 
 # Lightning warnings that do not apply here, silenced so that the ones that do stay visible:
 # our IterableDataset's __len__ is exact per worker (see data/plan.py); checkpoints after the optimiser step are
@@ -32,6 +43,44 @@ for _message in (
     warnings.filterwarnings("ignore", message=_message)
 
 
+class MedCLIPArgumentParser(LightningArgumentParser):
+    """Lightning's parser with one-line errors: the option, the value and what was expected, or the nearest real
+    option for a typo, instead of the usage text and jsonargparse's nested union report."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_step 30` must not silently mean max_steps
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        print(f"error: {short_parse_error(message, parser)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def short_parse_error(message: str, parser) -> str:
+    """One line for a jsonargparse error message (see MedCLIPArgumentParser)."""
+    unknown = re.search(r"[Uu]nrecognized arguments: (\S+)", message)
+    if unknown:
+        option = unknown.group(1).split("=", 1)[0]
+        known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"unknown option {option}{hint} ({parser.prog} --help lists the options)"
+    keys = re.findall(r'(?:Parser key|Key) "([^"]+)"', message)
+    expected = re.search(r"Expected a <class '([^']+)'>\. Got value: (.*)", message)
+    if keys and expected:
+        path = []
+        for key in keys:  # nested reports name the key relative to its parent
+            path = key.split(".") if key.startswith(".".join(path)) and path else [*path, *key.split(".")]
+        return f"--{'.'.join(path)}: expected {expected.group(1)}, got {expected.group(2).strip()!r}"
+    for line in message.splitlines():
+        if line.strip():
+            return line.strip()
+    return message
+
+
 class MedCLIPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -42,10 +91,20 @@ class MedCLIPCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": -1,
                 "checkpoint.every_n_train_steps": 500,
+                # A run folder belongs to one run (it is locked): a resumed run replaces last.ckpt instead of
+                # writing last-v1.ckpt next to a stale last.ckpt that evaluation and export would then read.
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(EvalCallback, "eval")
         parser.add_argument("--run_name", type=str | None, default=None, help="checkpoints/<run_name>/")
+        parser.add_argument(
+            "--resume_allow_changed",
+            type=list[str],
+            default=[],
+            help="with --ckpt_path: config fields allowed to differ from the checkpoint's (e.g. "
+            "'[model.clip.tokenizer]'); any other change of the model or the data plan is refused",
+        )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -54,6 +113,8 @@ class MedCLIPCLI(LightningCLI):
             trainer["default_root_dir"] = os.path.join("checkpoints", cfg["run_name"])
         root = trainer.get("default_root_dir") or os.path.join("checkpoints", "run")
         trainer["default_root_dir"] = root
+        if trainer.get("max_steps") is not None and trainer["max_steps"] == 0:
+            raise ValueError("trainer.max_steps: 0 trains nothing; give a positive number of steps (-1: no limit)")
         # The data config is checked first (shards exist, sizes.json for exact epochs): a missing shard must not
         # wait for the towers and their weights to be built. WebDataModule's constructor only reads file lists.
         data = cfg.get("data")
@@ -61,8 +122,8 @@ class MedCLIPCLI(LightningCLI):
             WebDataModule(**(data.as_dict() if hasattr(data, "as_dict") else dict(data)))
         if cfg["checkpoint"].get("dirpath") is None:
             cfg["checkpoint"]["dirpath"] = root
-        if cfg.get("ckpt_path"):
-            _keep_previous_metrics(root)
+        if self.subcommand in (None, "fit"):
+            self._prepare_run_folder(cfg, root)
         _wandb_offline_without_credentials(trainer.get("logger"))
         if trainer.get("logger") in (None, True):
             trainer["logger"] = [
@@ -72,35 +133,80 @@ class MedCLIPCLI(LightningCLI):
                 }
             ]
 
+    def _prepare_run_folder(self, cfg, root: str) -> None:
+        """Resume checks, then (on the launcher's rank zero only) the folder's lock and its tidying."""
+        ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg["checkpoint"]["dirpath"])
+        if ckpt is not None:
+            state = read_resume_state(ckpt)
+            max_steps = cfg["trainer"].get("max_steps")
+            if max_steps is not None and max_steps > 0 and state["global_step"] >= max_steps:
+                print(
+                    f"this run already finished at step {state['global_step']} ({ckpt}; trainer.max_steps="
+                    f"{max_steps}): nothing to do. Raise trainer.max_steps to train further."
+                )
+                raise RunAlreadyFinished()
+            model = cfg.get("model")
+            clip = model.get("clip") if model is not None else None
+            for change in check_resume(state, clip, cfg.get("data"), cfg.get("resume_allow_changed")):
+                print(f"warning: resuming with a changed setting (--resume_allow_changed): {change}", file=sys.stderr)
+        if not is_launcher_rank_zero():
+            return
+        RunLock(root).acquire()
+        for name in remove_stale_checkpoint_temporaries(cfg["checkpoint"]["dirpath"]):
+            print(f"removed {name}: a checkpoint write interrupted by an earlier run's crash", file=sys.stderr)
+        if cfg.get("ckpt_path"):
+            keep_previous_metrics(root)
+
     def instantiate_trainer(self, **kwargs):
         # checkpoint and eval callbacks are added by LightningCLI itself (add_lightning_class_args);
         # RunSummary goes last so that it sees the final evaluation.
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not when a config chose another writer
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.append(CheckpointOnSigterm())
+        trainer.callbacks.append(Preemption())
         trainer.callbacks.append(RunSummary())
         return trainer
 
 
+class RunAlreadyFinished(Exception):
+    """``--ckpt_path`` names a checkpoint at or past ``trainer.max_steps``: nothing to train, nothing touched."""
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> MedCLIPCLI:
-    """The CLI; a config error found by this package's checks ends it with ``error: <message>`` and exit code 2."""
+    """The CLI; a config error found by this package's checks ends it with ``error: <message>`` and exit code 2.
+
+    A run stopped by SIGTERM/SIGUSR1 (after saving ``last.ckpt``) exits with 128 + the signal number.
+    """
     try:
-        return MedCLIPCLI(
+        cli = MedCLIPCLI(
             CLIPModule,
             WebDataModule,
             save_config_kwargs={"overwrite": True},
+            parser_class=MedCLIPArgumentParser,
             parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
             args=args,
             run=run,
             auto_configure_optimizers=False,
         )
+    except RunAlreadyFinished:
+        raise SystemExit(0) from None
+    except RunFolderBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, FileNotFoundError) as err:
         ours = _config_error(err)
         if ours is None:
             raise
         print(f"error: {ours}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        release_held_locks()
+    preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Preemption)), None) if run else None
+    if preemption is not None and preemption.stopped_by:
+        preemption.requeue(cli.trainer.is_global_zero)
+        print(f"stopped by {preemption.stopped_by}; last.ckpt holds step {cli.trainer.global_step}", file=sys.stderr)
+        raise SystemExit(preemption.exit_code())
+    return cli
 
 
 def _wandb_offline_without_credentials(logger_cfg) -> None:
@@ -111,17 +217,6 @@ def _wandb_offline_without_credentials(logger_cfg) -> None:
     if not has_key:
         os.environ["WANDB_MODE"] = "offline"
         print("wandb: no credentials found (WANDB_API_KEY or ~/.netrc); logging offline to ./wandb", file=sys.stderr)
-
-
-def _keep_previous_metrics(root: str) -> None:
-    """On resume, move the earlier ``metrics.csv`` aside (Lightning's CSV logger would overwrite it)."""
-    path = os.path.join(root, "metrics.csv")
-    if not os.path.isfile(path):
-        return
-    n = 1
-    while os.path.exists(os.path.join(root, f"metrics.part{n}.csv")):
-        n += 1
-    os.replace(path, os.path.join(root, f"metrics.part{n}.csv"))
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -172,7 +172,7 @@ class CLIPModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "on_train_batch_consumed"):
-            datamodule.on_train_batch_consumed()
+            datamodule.on_train_batch_consumed(batch["image"].shape[0])
         opt = self.optimizers()
         result = {}
 

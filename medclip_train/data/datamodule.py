@@ -1,7 +1,10 @@
 """``WebDataModule``: multi-source WebDataset shards streamed into Lightning, exact or resampled epochs.
 
-Resume guarantee: the module's ``state_dict`` (saved in every Lightning checkpoint) holds the epoch and the
-number of batches this rank has consumed in it. Exact mode: a resumed run rebuilds the same epoch plan and each
+Resume guarantee: the module's ``state_dict`` (saved in every Lightning checkpoint) holds the epoch, the position
+in it (batches of this rank, samples of this rank and of all ranks) and the layout that position is counted in
+(per-rank batch size, ranks, workers, shard list, epoch mode, seed). A resume with another layout in the middle of
+an epoch is refused (see medclip_train/resume.py): counted in batches of another size the position would skip or
+repeat samples without a word. Exact mode: a resumed run rebuilds the same epoch plan and each
 worker skips the raw samples it had already delivered (read, not decoded), so the rest of the epoch is exactly the
 batches not yet trained on, sample for sample (the DataLoader may interleave its workers' batches in another order).
 Resampled mode: the remaining batches of the virtual epoch are drawn with a new random stream (the restart count
@@ -17,7 +20,7 @@ from torch.utils.data import DataLoader
 from medclip_train.data.labels import LabelVocab
 from medclip_train.data.pixels import pixels_transform
 from medclip_train.data.sources import ShardSource, check_local_shards_exist, read_label_counts, shard_sizes
-from medclip_train.data.stream import ShardStream, StreamSpec
+from medclip_train.data.stream import DataError, ShardStream, StreamSpec
 from medclip_train.distributed import world_info
 
 
@@ -105,7 +108,8 @@ class WebDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.preprocess_cfg: dict | None = None
         self.vocab: LabelVocab | None = None
-        self.stream_state = {"epoch": 0, "batches_in_epoch": 0, "restarts": 0}
+        self._train_loader: StreamLoader | None = None
+        self.stream_state = {"epoch": 0, "batches_in_epoch": 0, "samples_in_epoch": 0, "restarts": 0}
         self._train_urls, self._train_sizes, self._source_of_shard = self._resolve_train()
 
     # ---- set-up --------------------------------------------------------------------------------------------------
@@ -186,7 +190,8 @@ class WebDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StreamLoader:
         if not self._train_urls:
             raise ValueError("data.train: no training shards configured")
-        return self._loader(self._spec(self._train_urls, self._train_sizes, True, self.batch_size), True)
+        self._train_loader = self._loader(self._spec(self._train_urls, self._train_sizes, True, self.batch_size), True)
+        return self._train_loader
 
     def val_dataloader(self):
         if not self.val:
@@ -198,21 +203,61 @@ class WebDataModule(L.LightningDataModule):
         return self._loader(spec, False)
 
     # ---- stream position -----------------------------------------------------------------------------------------
-    def on_train_batch_consumed(self) -> None:
+    def on_train_batch_consumed(self, n_samples: int) -> None:
         self.stream_state["batches_in_epoch"] += 1
+        self.stream_state["samples_in_epoch"] += n_samples
 
     def on_train_epoch_done(self) -> None:
+        planned = len(self._train_loader) if self._train_loader is not None else None
+        stopping = self.trainer is not None and self.trainer.should_stop
+        if planned is not None and 0 < self.stream_state["batches_in_epoch"] < planned:
+            # Lightning ends the epoch when the run stops (max_steps, SIGTERM) in its middle: the position stays,
+            # so that a resume continues this epoch instead of skipping the rest of it.
+            return
+        if self.stream_state["batches_in_epoch"] == 0 and not stopping:
+            # An epoch that yielded no batch at all would be followed by another, forever (every sample bad).
+            raise DataError(
+                f"epoch {self.stream_state['epoch']} of data.train yielded no batch: no sample of "
+                f"{self._train_urls[0] if len(self._train_urls) == 1 else f'{len(self._train_urls)} shards'} "
+                "could be read (see the skipped-sample warnings)"
+            )
         self.stream_state["epoch"] += 1
         self.stream_state["batches_in_epoch"] = 0
+        self.stream_state["samples_in_epoch"] = 0
+
+    def layout(self) -> dict:
+        """What the stream position is counted in; a resume is checked against it (medclip_train/resume.py)."""
+        _, world_size = world_info()
+        return {
+            "train": [{"shards": s.shards, "weight": float(s.weight)} for s in self.sources],
+            "epoch_mode": self.epoch_mode,
+            "seed": self.seed,
+            "samples_per_epoch": self.samples_per_epoch,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": world_size,
+        }
 
     def state_dict(self) -> dict:
         state = dict(self.stream_state)
+        _, world_size = world_info()
+        # Every rank runs batches of the same shape (see data/plan.py), so the total is the rank's count x ranks.
+        state["samples_in_epoch_all_ranks"] = state["samples_in_epoch"] * world_size
+        state["layout"] = self.layout()
         if self.vocab is not None:
             state["vocab"] = list(self.vocab.labels)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.stream_state.update({k: state[k] for k in ("epoch", "batches_in_epoch", "restarts") if k in state})
+        saved_world = (state.get("layout") or {}).get("world_size")
+        _, world_size = world_info()
+        if state.get("batches_in_epoch", 0) > 0 and saved_world not in (None, world_size):
+            from medclip_train.resume import mid_epoch_message
+
+            raise ValueError(mid_epoch_message("world size (trainer.devices x trainer.num_nodes)", saved_world,
+                                               world_size, {"data": state}))
+        keys = ("epoch", "batches_in_epoch", "samples_in_epoch", "restarts")
+        self.stream_state.update({k: state[k] for k in keys if k in state})
         self.stream_state["restarts"] += 1
         if "vocab" in state:
             saved = LabelVocab(tuple(state["vocab"]))

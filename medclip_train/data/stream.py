@@ -60,6 +60,8 @@ class StreamSpec:
     trim_padding: bool = True
     max_skip_fraction: float = 0.05
     min_samples_for_skip_check: int = 200
+    max_leading_bad: int = 50
+    """Stop when this many samples were read and none was good, whatever ``min_samples_for_skip_check`` says."""
     pad_token_id: int = 0
     # Set by the DataLoader in the main process before workers start (see datamodule.StreamLoader).
     epoch: int = 0
@@ -137,6 +139,7 @@ class _SampleReader:
         self.skipped = 0
         self.skipped_since_batch = 0
         self.last_error: dict[str, str] = {}
+        self.last_bad = ("", "")
         self.current_url = ""
 
     # ---- raw samples -------------------------------------------------------------------------------------------
@@ -198,9 +201,15 @@ class _SampleReader:
 
     # ---- decoding and batching ---------------------------------------------------------------------------------
     def _note_error(self, url: str, reason: str) -> None:
+        self.last_bad = (url, reason)
         self.skipped += 1
         self.skipped_since_batch += 1
         seen = self.read + self.skipped
+        if self.read == 0 and self.skipped >= self.s.max_leading_bad:
+            raise DataError(
+                f"the first {self.skipped} samples of worker {self.worker_id} were all bad; is this a WebDataset "
+                f"shard of images with captions? Last bad shard {url}: {reason}"
+            )
         if seen >= self.s.min_samples_for_skip_check and self.skipped / seen > self.s.max_skip_fraction:
             raise DataError(
                 f"{self.skipped} of {seen} samples skipped in worker {self.worker_id} "
@@ -253,6 +262,13 @@ class _SampleReader:
                 last_good = decoded
                 items.append(decoded)
             if not items:
+                if self.read == 0 and self.skipped:
+                    # Without this, an epoch of bad samples yields nothing and the next epoch starts, forever.
+                    url, reason = self.last_bad
+                    raise DataError(
+                        f"no good sample in {self.skipped} read by worker {self.worker_id} this epoch; "
+                        f"last bad shard {url}: {reason}"
+                    )
                 return
             yield self._collate(items)
 

@@ -65,6 +65,8 @@ def test_exact_epochs_reshuffle_with_agreed_seed(tmp_path, tokenizer):
     paths = make_shards(tmp_path, [6, 6, 6, 6])
     dm = make_dm(tokenizer, shard_pattern(paths))
     first = keys_of(dm.train_dataloader())
+    for batch in first:  # as the training step reports them
+        dm.on_train_batch_consumed(len(batch))
     dm.on_train_epoch_done()
     second = keys_of(dm.train_dataloader())
     assert sorted(sum(first, [])) == sorted(sum(second, []))
@@ -134,7 +136,7 @@ def test_resume_continues_the_stream(tmp_path, tokenizer, mode):
     full = keys_of(dm.train_dataloader())
     consumed = 3
     for _ in range(consumed):
-        dm.on_train_batch_consumed()
+        dm.on_train_batch_consumed(dm.batch_size)
     state = dm.state_dict()
 
     resumed = make_dm(tokenizer, shard_pattern(paths), **kwargs)

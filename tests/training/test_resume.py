@@ -101,20 +101,28 @@ def test_sigkill_then_resume_finishes_the_planned_run(tmp_path, shards, tok):
 
 
 def test_sigterm_saves_a_checkpoint_then_the_run_resumes(tmp_path, shards, tok):
-    # Lightning's own SIGTERM handler runs (the signal is real); it stops the loop with SIGTERMException.
+    """A real SIGTERM at step 5: last.ckpt holds step 5, the exit code says SIGTERM; the resumed run replaces
+    last.ckpt with its final step (it used to write last-v1.ckpt and leave last.ckpt at the preempted step)."""
     pattern = shards([16, 16])
     root = tmp_path / "run"
     common = ["--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "100", "--data.batch_size", "4"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         run_cli(fit_args(tok, pattern, root, *common, "--trainer.callbacks+", callback_arg(SendSigterm, at_step=5)))
-    assert not (root / "summary.json").exists()
+    assert stop.value.code == 128 + signal.SIGTERM
     ckpt = torch.load(root / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 5, "the checkpoint holds the last finished step"
     assert ckpt["WebDataModule"]["batches_in_epoch"] == 5
+    assert ckpt["WebDataModule"]["samples_in_epoch"] == 20
+    stopped = read_summary(root)
+    assert stopped["stopped_by"] == "SIGTERM" and stopped["checkpoint"]["step"] == 5
 
     run_cli(fit_args(tok, pattern, root, *common, "--ckpt_path", "last"))
     summary = read_summary(root)
     assert (summary["steps"], summary["steps_this_run"]) == (8, 3)
+    assert summary["stopped_by"] is None
+    assert summary["checkpoint"] == {"path": str(root / "last.ckpt"), "step": 8}
+    assert read_project_checkpoint(root / "last.ckpt")["global_step"] == 8, "last.ckpt is the newest state"
+    assert sorted(p.name for p in root.glob("last*.ckpt")) == ["last.ckpt"]
 
 
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path, shards, tok):
