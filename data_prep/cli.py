@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep import demo, generic, medicat, medmnist, pmc_oa, roco, rocov2
+from data_prep import demo, generic, medicat, medmnist, pmc_oa, roco, rocov2, tokenizer
 from data_prep.inspection import format_report, inspect_output
 from data_prep.records import PrepError
 from data_prep.writer import Summary, WriteOptions, write_dataset
@@ -21,6 +23,10 @@ from data_prep.writer import Summary, WriteOptions, write_dataset
 # The demo's own defaults: smaller shards than for real data so the demo's loaders get several shards; up to 4
 # processes. Every other converter takes WriteOptions' defaults. Both reach --help and the manifest from here only.
 DEMO_DEFAULTS = WriteOptions(samples_per_shard=500, jpeg_quality=90, workers=min(4, os.cpu_count() or 1))
+
+
+# The value of a bare --tokenizer: an object, not a path, so that no folder a user names can be taken for it.
+_TOKENIZER_IN_OUTPUT = object()
 
 
 def _common_parser(defaults: WriteOptions) -> argparse.ArgumentParser:
@@ -73,6 +79,21 @@ def _common_parser(defaults: WriteOptions) -> argparse.ArgumentParser:
     g.add_argument("--shuffle", action="store_true", help="shuffle records before writing (deterministic by seed)")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in --output")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--tokenizer",
+        nargs="?",
+        const=_TOKENIZER_IN_OUTPUT,  # --tokenizer without DIR
+        default=None,
+        type=Path,
+        metavar="DIR",
+        help="also build a WordPiece tokenizer of the written train captions into DIR (default DIR: OUT/tokenizer)",
+    )
+    g.add_argument(
+        "--vocab-size",
+        type=int,
+        default=defaults.vocab_size,
+        help="largest vocabulary of --tokenizer (default %(default)s)",
+    )
     return common
 
 
@@ -81,6 +102,20 @@ def _add_input(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("input", type=Path, nargs="?", help=help)
     p.add_argument(
         "--input", "-i", type=Path, dest="input_option", metavar="INPUT", help="same as the positional input"
+    )
+
+
+def _add_table_input(p: argparse.ArgumentParser, kind: str) -> None:
+    """One table, or one per split as releases publish them (``--input train=a.jsonl --input test=b.jsonl``)."""
+    p.add_argument("input", nargs="?", metavar="INPUT", help=f"the {kind} file")
+    p.add_argument(
+        "--input",
+        "-i",
+        action="append",
+        default=[],
+        dest="table_inputs",
+        metavar="[SPLIT=]FILE",
+        help=f"a {kind} file; SPLIT=FILE puts all its rows in SPLIT (train/val/test); repeatable",
     )
 
 
@@ -142,13 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_pmc_oa)
 
     p = sub.add_parser("csv", parents=common(), help="generic CSV table of image paths and captions")
-    _add_input(p, "the CSV file")
+    _add_table_input(p, "CSV")
     p.add_argument("--delimiter", default=",", help="field delimiter (default ,)")
     _add_table_columns(p)
     p.set_defaults(run=_run_table, reader="csv")
 
     p = sub.add_parser("jsonl", parents=common(), help="generic JSONL table of image paths and captions")
-    _add_input(p, "the JSONL file")
+    _add_table_input(p, "JSONL")
     _add_table_columns(p)
     p.set_defaults(run=_run_table, reader="jsonl")
 
@@ -172,9 +207,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=400)
     p.set_defaults(run=_run_demo)
 
+    p = sub.add_parser("tokenizer", help="build a WordPiece tokenizer from the captions of shards")
+    p.add_argument(
+        "--input",
+        "-i",
+        action="append",
+        required=True,
+        metavar="SHARDS",
+        help="shard files, glob or brace pattern ('shards/train-*.tar'); repeatable. Use the train split only",
+    )
+    p.add_argument("--output", "-o", type=Path, required=True, help="folder for the tokenizer files")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=tokenizer.DEFAULT_VOCAB_SIZE,
+        help="largest vocabulary, special tokens and characters included (default %(default)s: the tiny preset's)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --output")
+    p.add_argument("--quiet", "-q", action="store_true", help="accepted as by the converters (no progress bar here)")
+    p.set_defaults(run=_run_tokenizer)
+
     p = sub.add_parser("inspect", help="describe a converted folder")
     p.add_argument("output", type=Path, help="the converter's output folder")
     p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer for caption lengths (default whitespace)")
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="the model's text context (special tokens included): report the share of captions it truncates",
+    )
     p.add_argument("--max-samples", type=int, default=None, help="read at most this many samples per shard")
     p.set_defaults(run=_run_inspect)
     return parser
@@ -192,7 +253,23 @@ def _options(args: argparse.Namespace) -> WriteOptions:
         shuffle=args.shuffle,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        tokenizer=_tokenizer_dir(args),
+        vocab_size=args.vocab_size,
     )
+
+
+def _tokenizer_dir(args: argparse.Namespace) -> Path | None:
+    """Where ``--tokenizer`` saves. An earlier tokenizer elsewhere than OUT/tokenizer is refused here, before any
+    work, unless ``--overwrite``; OUT/tokenizer belongs to the earlier conversion, which the writer refuses or
+    replaces as a whole."""
+    if args.tokenizer is None:
+        return None
+    default = args.output / "tokenizer"
+    if args.tokenizer is _TOKENIZER_IN_OUTPUT:
+        return default
+    if args.tokenizer.resolve() != default.resolve():
+        tokenizer.check_output(args.tokenizer, args.overwrite, "--tokenizer")
+    return args.tokenizer
 
 
 def _run_roco(args) -> Summary:
@@ -225,12 +302,31 @@ def _run_table(args) -> Summary:
         args.modality_column,
     )  # fmt: skip
     info = _source_info(args, args.source or args.reader)
-    if args.reader == "csv":
-        records = generic.read_csv(args.input, columns, info, args.images, args.delimiter, args.label_separator)
-    else:
-        records = generic.read_jsonl(args.input, columns, info, args.images, args.label_separator)
-    options = {"input": str(args.input), "images": _str(args.images), "columns": vars(columns), **_info(info)}
-    return write_dataset(records, args.output, _options(args), args.reader, options)
+    given = ([args.input] if args.input else []) + args.table_inputs
+    if not given:
+        raise PrepError(f"{args.reader}: the input (a positional argument or --input) is required")
+    tables = []  # read_csv/read_jsonl check each file and its columns now, before the output folder is touched
+    for item in given:
+        split, path = _table_input(item, args.split_column)
+        if args.reader == "csv":
+            delimiter, separator = args.delimiter, args.label_separator
+            tables.append(generic.read_csv(path, columns, info, args.images, delimiter, separator, split))
+        else:
+            tables.append(generic.read_jsonl(path, columns, info, args.images, args.label_separator, split))
+    records = itertools.chain.from_iterable(tables)
+    options = {"input": given[0] if len(given) == 1 else given, "images": _str(args.images), "columns": vars(columns)}
+    return write_dataset(records, args.output, _options(args), args.reader, {**options, **_info(info)})
+
+
+def _table_input(item: str, split_column: str | None) -> tuple[str | None, Path]:
+    """``train=a.jsonl`` -> ``("train", a.jsonl)``; a plain file (even one with ``=`` in its name) -> no split."""
+    prefix, sep, rest = item.partition("=")
+    split = generic.SPLIT_NAMES.get(prefix.strip().lower()) if sep else None
+    if split is None:
+        return None, Path(item)
+    if split_column:
+        raise PrepError(f"--input {item}: a split per file and --split-column {split_column}: give the split one way")
+    return split, Path(rest)
 
 
 def _run_imagefolder(args) -> Summary:
@@ -264,8 +360,16 @@ def _run_demo(args) -> Summary:
     return demo.run(args.output, counts, args.image_size, _options(args))
 
 
+def _run_tokenizer(args) -> int:
+    vocab, captions = tokenizer.build_from_shards(args.input, args.output, args.vocab_size, args.overwrite)
+    print(f"tokenizer: vocab_size={vocab} captions={captions} -> {args.output}")
+    return 0
+
+
 def _run_inspect(args) -> int:
-    report = inspect_output(args.output, args.tokenizer, args.max_samples)
+    if args.context_length is not None and (args.tokenizer is None or args.context_length < 1):
+        raise PrepError("--context-length needs --tokenizer (the model's tokens, not words) and a positive length")
+    report = inspect_output(args.output, args.tokenizer, args.max_samples, args.context_length)
     print(format_report(report))
     return 0 if report["complete"] else 1
 
@@ -340,11 +444,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if isinstance(result, Summary):
         print(result.line())
+        _warn_no_tokenizer(args)
         if not result.written:  # a failure scripts must see: the next step would train on nothing
             print(f"medclip-prep: error: {_nothing_written_line(result)}", file=sys.stderr)
             return 1
         return 0
     return result
+
+
+def _warn_no_tokenizer(args: argparse.Namespace) -> None:
+    """A converter's ``--tokenizer`` that found no train caption to learn from (e.g. only ``--input test=...``)."""
+    if args.tokenizer is None:
+        return
+    try:
+        built = json.loads((args.output / "manifest.json").read_text(encoding="utf-8"))["extras"]["tokenizer"]
+    except (OSError, ValueError, KeyError):
+        return
+    if not built.get("written", True):
+        print(f"medclip-prep: warning: --tokenizer: {built.get('why')}, no tokenizer written", file=sys.stderr)
 
 
 if __name__ == "__main__":

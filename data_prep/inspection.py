@@ -1,6 +1,7 @@
 """``medclip-prep inspect OUT``: what a converted folder holds, read back from the shards themselves.
 
-Reports sample counts per split, caption length percentiles (whitespace tokens, or a Hugging Face tokenizer's),
+Reports sample counts per split, caption length percentiles (whitespace tokens, or a Hugging Face tokenizer's; with
+``--context-length`` also the share of captions longer than the model's text context, which it silently truncates),
 an image size histogram, rejections per reason, and problems: leftover ``*.tar.tmp``, a missing ``sizes.json`` or
 ``manifest.json`` (an interrupted conversion), shard counts that disagree with ``sizes.json``, samples without an
 image or caption, repeated keys.
@@ -59,20 +60,34 @@ def _read_shard(path: Path, max_samples: int | None) -> list[dict[str, Any]]:
 
 
 def _token_counter(tokenizer: str | None):
+    """``(count, special)``: token counts of texts without special tokens, and how many the tokenizer adds."""
     if tokenizer is None:
-        return lambda texts: [len(t.split()) for t in texts]
+        return (lambda texts: [len(t.split()) for t in texts]), 0
     from transformers import AutoTokenizer  # slow import, only when asked for
 
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    return lambda texts: [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        raise PrepError(f"--tokenizer {tokenizer}: cannot be loaded ({e})") from None
+
+    def count(texts):
+        return [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+    return count, tok.num_special_tokens_to_add(pair=False)
 
 
-def _percentiles(lengths: list[int]) -> dict[str, float]:
+def _percentiles(lengths: list[int], context: int | None = None, special: int = 0) -> dict[str, float]:
+    """Length percentiles; with ``context``, how many captions (special tokens added, as the model's tokenizer
+    does) do not fit into it."""
     if not lengths:
         return {}
     values = np.asarray(lengths)
-    stats = {f"p{q}": float(np.percentile(values, q)) for q in (5, 25, 50, 75, 95, 99)}
-    return {**stats, "mean": round(float(values.mean()), 2), "max": int(values.max())}
+    stats = {f"p{q}": float(np.percentile(values, q)) for q in (5, 25, 50, 75, 90, 95, 99)}
+    stats = {**stats, "mean": round(float(values.mean()), 2), "max": int(values.max())}
+    if context is not None:
+        over = int((values + special > context).sum())
+        stats.update(context_length=context, truncated=over, truncated_fraction=over / len(values))
+    return stats
 
 
 def _load_json(path: Path, problems: list[str], missing: str) -> Any:
@@ -86,20 +101,24 @@ def _load_json(path: Path, problems: list[str], missing: str) -> Any:
         return None
 
 
-def inspect_output(output: Path, tokenizer: str | None = None, max_samples: int | None = None) -> dict[str, Any]:
+def inspect_output(
+    output: Path, tokenizer: str | None = None, max_samples: int | None = None, context_length: int | None = None
+) -> dict[str, Any]:
     """Read a converted folder back and describe it (see the module docstring).
 
     Args:
         output: the converter's output folder.
         tokenizer: Hugging Face tokenizer name or path for caption lengths; whitespace tokens when ``None``.
         max_samples: read at most this many samples per shard (for a quick look at large folders).
+        context_length: the model's text context in tokens, special tokens included (``model.context_length``):
+            counts the captions longer than that per split.
     """
     if not output.is_dir():
         raise PrepError(f"output folder {output} does not exist")
     problems = [f"leftover partial shard {p.name} (interrupted run)" for p in sorted(output.glob("*.tar.tmp"))]
     sizes = _load_json(output / "sizes.json", problems, "no sizes.json: the conversion did not finish")
     manifest = _load_json(output / "manifest.json", problems, "no manifest.json: the conversion did not finish")
-    count_tokens = _token_counter(tokenizer)
+    count_tokens, special = _token_counter(tokenizer)
     splits: dict[str, Counter] = defaultdict(Counter)
     captions: dict[str, list[str]] = defaultdict(list)
     sides, formats, keys = Counter(), Counter(), Counter()
@@ -125,7 +144,10 @@ def inspect_output(output: Path, tokenizer: str | None = None, max_samples: int 
         "splits": {k: dict(splits[k]) for k in sorted(splits, key=split_sort_key)},
         "caption_tokens": {
             "tokenizer": tokenizer or "whitespace",
-            **{split: _percentiles(count_tokens(captions[split])) for split in sorted(captions, key=split_sort_key)},
+            **{
+                split: _percentiles(count_tokens(captions[split]), context_length, special)
+                for split in sorted(captions, key=split_sort_key)
+            },
         },
         "image_sides": {b: sides[b] for b in order if sides[b]},
         "image_formats": dict(formats),
@@ -174,10 +196,12 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"caption length ({tokens['tokenizer']} tokens):")
     for split, stats in tokens.items():
         if split != "tokenizer" and stats:
-            lines.append(
-                f"  {split}: p5={stats['p5']:g} p50={stats['p50']:g} p95={stats['p95']:g} "
-                f"max={stats['max']} mean={stats['mean']:g}"
-            )
+            line = "  ".join(f"p{q}={stats[f'p{q}']:g}" for q in (50, 90, 95, 99))
+            line = f"  {split}: {line}  max={stats['max']}  mean={stats['mean']:g}"
+            if "truncated" in stats:
+                share = f"{stats['truncated_fraction']:.1%}"
+                line += f"  longer than context {stats['context_length']}: {share} ({stats['truncated']})"
+            lines.append(line)
     lines.append("image longest side: " + (", ".join(f"{k}: {v}" for k, v in report["image_sides"].items()) or "-"))
     lines.append("image formats: " + (", ".join(f"{k}: {v}" for k, v in report["image_formats"].items()) or "-"))
     lines.append("rejected: " + (", ".join(f"{k}: {v}" for k, v in report["rejected"].items()) or "none"))

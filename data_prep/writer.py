@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from data_prep.images import EncodedImage, ImageFailure, ImagePolicy, process_image
 from data_prep.records import PrepError, Reason, Record, Rejection, clean_caption, reject, sample_key, short_hash
+from data_prep.tokenizer import DEFAULT_VOCAB_SIZE, WordCounts, checked_vocab, save_tokenizer
 
 FORMAT_VERSION = 1
 SPLIT_ORDER = ("train", "val", "test")
@@ -66,6 +67,8 @@ class WriteOptions:
         shuffle: shuffle records (within each split) before writing, so shards mix the release's order.
         overwrite: replace an earlier conversion in the output folder instead of refusing.
         quiet: no progress bar.
+        tokenizer: folder to save a WordPiece tokenizer of the written train captions into (``None``: no tokenizer).
+        vocab_size: the tokenizer's largest vocabulary.
     """
 
     samples_per_shard: int = 5000
@@ -78,6 +81,8 @@ class WriteOptions:
     shuffle: bool = False
     overwrite: bool = False
     quiet: bool = False
+    tokenizer: Path | None = None
+    vocab_size: int = DEFAULT_VOCAB_SIZE
 
     def __post_init__(self):
         if self.samples_per_shard < 1:
@@ -92,8 +97,10 @@ class WriteOptions:
             raise PrepError(f"--min-caption-words must be >= 0, got {self.min_caption_words}")
 
     def content_options(self) -> dict[str, Any]:
-        """The options that change the output (for the manifest; workers/overwrite/quiet do not)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("workers", "overwrite", "quiet")}
+        """The options that change the shards (for the manifest; workers/overwrite/quiet do not, and the tokenizer is
+        recorded under ``extras``)."""
+        skip = ("workers", "overwrite", "quiet", "tokenizer", "vocab_size")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 @dataclass
@@ -391,6 +398,8 @@ class _Conversion:
         self.seen_ids: set[tuple[str, str]] = set()
         self.keys: set[str] = set()
         self.hashes: dict[str, str] = {}
+        # Words of the written train captions, counted as they go (no caption list kept in memory).
+        self.words = WordCounts() if options.tokenizer is not None else None
 
     def screen(self, items: Iterable[Record | Rejection]) -> Iterator[tuple[Record | Rejection, str | None]]:
         """Cheap checks before any image is decoded: duplicate id, caption."""
@@ -445,6 +454,18 @@ class _Conversion:
         members.append(("json", json.dumps(meta, ensure_ascii=False).encode("utf-8")))
         self.sink.add(record.split, key, members)
         self.tally.count_written(record, meta)
+        if self.words is not None and record.split == "train":
+            # The caption and the alternatives the training stream draws from (meta["captions"]).
+            self.words.update([caption, *(c for c in meta.get("captions") or [] if isinstance(c, str))])
+
+    def tokenizer(self) -> dict[str, Any]:
+        """Build the tokenizer of the counted train captions; what the manifest records about it."""
+        path = self.options.tokenizer
+        shown = path.relative_to(self.output).as_posix() if path.is_relative_to(self.output) else str(path)
+        if not self.words.captions:
+            return {"path": shown, "written": False, "why": "no train captions"}
+        vocab = save_tokenizer(checked_vocab(self.words, self.options.vocab_size), path)
+        return {"path": shown, "written": True, "vocab_size": vocab, "captions": self.words.captions}
 
     def manifest(self, converter: str, converter_options: dict[str, Any]) -> dict[str, Any]:
         tally = self.tally
@@ -533,8 +554,10 @@ def write_dataset(
         run.rejections.abort()
         raise
     manifest = run.manifest(converter, converter_options or {})
+    if options.tokenizer is not None:
+        manifest["extras"] = {"tokenizer": run.tokenizer()}
     if finalize is not None:
-        manifest["extras"] = finalize(output)
+        manifest["extras"] = {**manifest.get("extras", {}), **finalize(output)}
     atomic_write_json(output / "sizes.json", sizes)
     atomic_write_json(output / "manifest.json", manifest)
     (output / MARKER).unlink()  # the manifest now says which files are ours
