@@ -134,7 +134,10 @@ class CLIPModule(L.LightningModule):
             self.manual_backward(loss)
 
     def _grad_cache_backward(self, images, text, labels, k: int):
-        image_chunks, text_chunks = images.chunk(k), text.chunk(k)
+        # tensor_split, not chunk: chunk(k) gives fewer than k chunks when k does not divide B well (6 samples in 4
+        # gives 3 of 2), and then no micro-batch was the last one: all ran under no_sync and DDP reduced nothing.
+        image_chunks, text_chunks = images.tensor_split(k), text.tensor_split(k)
+        n_parts = len(image_chunks)
         rng_states, feats = [], []
         with torch.no_grad():
             for ic, tc in zip(image_chunks, text_chunks):
@@ -159,11 +162,12 @@ class CLIPModule(L.LightningModule):
             offset += ic.shape[0]
             surrogate = (out["image_features"] * grads["image_features"][rows]).sum()
             surrogate = surrogate + (out["text_features"] * grads["text_features"][rows]).sum()
-            # The scale's gradient is split evenly so that every micro-batch touches every parameter (DDP).
-            surrogate = surrogate + out["logit_scale"].sum() * grads["logit_scale"].sum() / k
+            # The scale's gradient is split evenly so that every micro-batch touches every parameter (DDP), over the
+            # parts actually run, so that the shares add up to the whole gradient.
+            surrogate = surrogate + out["logit_scale"].sum() * grads["logit_scale"].sum() / n_parts
             if "logit_bias" in out:
-                surrogate = surrogate + out["logit_bias"].sum() * grads["logit_bias"].sum() / k
-            last = i == k - 1
+                surrogate = surrogate + out["logit_bias"].sum() * grads["logit_bias"].sum() / n_parts
+            last = i == n_parts - 1  # DDP all-reduces the accumulated gradients in this backward only
             ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
             with ctx:
                 self._backward(surrogate)
