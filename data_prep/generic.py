@@ -32,6 +32,7 @@ from data_prep.records import (
     RecordRejected,
     Rejection,
     clean_caption,
+    escapes,
     hashed_split,
     read_jsonl_rows,
     short_hash,
@@ -373,8 +374,9 @@ def _read_classes(folder, root, info, templates, class_names, split) -> Iterator
         for path in _walk_files(class_dir):
             rel = path.relative_to(root).as_posix()
             record_split = split or hashed_split(rel, info.seed, info.val_fraction, info.test_fraction)
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                yield Rejection(info.name, rel, str(path), Reason.UNSUPPORTED_FILE, "not an image suffix", None, split)
+            unusable = _unusable(path, root)
+            if unusable is not None:
+                yield Rejection(info.name, rel, str(path), *unusable, None, split)
                 continue
             template = templates[int(short_hash(f"{info.seed}:{rel}"), 16) % len(templates)]
             caption = template.replace("{c}", display).replace("{label}", display)
@@ -384,9 +386,31 @@ def _read_classes(folder, root, info, templates, class_names, split) -> Iterator
 
 
 def _walk_files(folder: Path) -> list[Path]:
-    """All files below ``folder`` in sorted order, without following directory symlinks."""
+    """All files below ``folder`` in sorted order, and the links to folders met on the way.
+
+    Links to folders are not followed (one may lead out of the root, or back up into a loop) but are returned, so
+    that each is accounted for as a rejection instead of vanishing from the counts.
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder):  # os.walk lists folder links in dirnames, never enters them
         dirnames.sort()
-        found.extend(Path(dirpath) / name for name in sorted(filenames))
+        links = [name for name in dirnames if os.path.islink(os.path.join(dirpath, name))]
+        found.extend(Path(dirpath) / name for name in sorted(filenames + links))
     return found
+
+
+def _unusable(path: Path, root: Path) -> tuple[str, str] | None:
+    """``(reason, detail)`` when a file found under an image folder cannot become a sample, else ``None``."""
+    real = escapes(path, root)  # a link (to a file or a folder, or inside a linked class folder) out of the root
+    if real is not None:
+        return Reason.PATH_ESCAPE, f"leads to {real} through a link, outside {root}"
+    if path.is_dir():
+        return Reason.UNSUPPORTED_FILE, "link to a folder, not followed"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return Reason.UNSUPPORTED_FILE, "not an image suffix"
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # a broken link inside the root: reading it reports the missing image
+    # A FIFO or device named *.jpg would block or stream forever when read.
+    return None if stat.S_ISREG(mode) else (Reason.UNSUPPORTED_FILE, "not a regular file")

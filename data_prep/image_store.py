@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from data_prep.records import PrepError, Reason, RecordRejected, safe_join
+from data_prep.records import PrepError, Reason, RecordRejected, relative_parts, safe_join
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class ArchiveStore:
         Raises:
             RecordRejected: ``path_escape`` for escaping names and refused members, ``missing_image`` otherwise.
         """
-        safe_join(Path("/"), name)  # same lexical check as for folders
+        relative_parts(name, self.path)  # the lexical checks of folders; members are not files, links are refused
         key = _member_name(name)
         if key in self.refused or name in self.refused:
             raise RecordRejected(Reason.PATH_ESCAPE, f"{self.path}:{name}: {self.refused.get(key, 'refused')}")

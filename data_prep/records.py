@@ -7,6 +7,7 @@ either written or rejected: nothing is dropped silently.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -137,12 +138,8 @@ def clean_caption(caption: str | bytes | None, min_words: int = 0) -> tuple[str 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-def safe_join(root: Path, relative: str) -> Path:
-    """Join a path taken from a record to the folder it must stay in.
-
-    Record paths come from files users downloaded: a crafted ``../`` or absolute path must not make the converter
-    read (and publish in a shard) a file outside the dataset. The check is lexical, so a folder that is itself a
-    symlink (a common way to place a large image folder) still works.
+def relative_parts(relative: str, root: object) -> tuple[str, ...]:
+    """The parts of a path taken from a record, after the lexical checks (no file system access).
 
     Raises:
         RecordRejected: ``path_escape`` for absolute paths or ``..`` components, ``malformed_record`` for empty ones.
@@ -154,7 +151,40 @@ def safe_join(root: Path, relative: str) -> Path:
         raise RecordRejected(Reason.PATH_ESCAPE, f"absolute path {relative!r}")
     if ".." in PurePosixPath(posix).parts:
         raise RecordRejected(Reason.PATH_ESCAPE, f"path {relative!r} leaves {root}")
-    return root.joinpath(*PurePosixPath(posix).parts)
+    return PurePosixPath(posix).parts
+
+
+@functools.lru_cache(maxsize=256)
+def _real(root: Path) -> Path:
+    # Resolved once per root: it is joined with every record of a release.
+    return root.resolve()
+
+
+def escapes(path: Path, root: Path) -> Path | None:
+    """Where ``path`` really leads (every symbolic link resolved) when that is outside ``root``; else ``None``.
+
+    ``root`` is resolved too, so a root that is itself a link (a common way to place a large image folder) works.
+    """
+    real = path.resolve()
+    return None if real.is_relative_to(_real(root)) else real
+
+
+def safe_join(root: Path, relative: str) -> Path:
+    """Join a path taken from a record to the folder it must stay in.
+
+    Record paths come from files users downloaded: a crafted ``../`` or absolute path, or a symbolic link inside the
+    folder (to a file or to a folder), must not make the converter read (and publish in a shard) a file outside the
+    dataset. The lexical checks come first, then the joined path is resolved and must stay inside the resolved root.
+
+    Raises:
+        RecordRejected: ``path_escape`` for absolute paths, ``..`` components and links leading outside ``root``,
+            ``malformed_record`` for empty ones.
+    """
+    path = root.joinpath(*relative_parts(relative, root))
+    real = escapes(path, root)
+    if real is not None:
+        raise RecordRejected(Reason.PATH_ESCAPE, f"{relative!r} leads to {real} through a link, outside {root}")
+    return path
 
 
 _KEY_UNSAFE = re.compile(r"[^0-9A-Za-z_-]+")
