@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from medclip_train.config import ModelConfig
-from medclip_train.export import export_checkpoint
+from medclip_train.export import EXPORT_MARKER, export_checkpoint
+from medclip_train.export import main as export_main
 from medclip_train.module import CLIPModule
 from tests.training.conftest import bare_trainer
 
@@ -25,9 +29,9 @@ LOAD_WITH_OPEN_CLIP = """
 import json, sys
 import numpy as np, torch, open_clip
 from PIL import Image
-folder, images_path, captions = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-model, preprocess = open_clip.create_model_from_pretrained("local-dir:" + folder)
-tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+name, images_path, captions = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model, preprocess = open_clip.create_model_from_pretrained(name)
+tokenizer = open_clip.get_tokenizer(name)
 model.eval()
 images = np.load(images_path)
 batch = torch.stack([preprocess(Image.fromarray(a)) for a in images])
@@ -60,12 +64,18 @@ def test_export_loads_in_open_clip_without_the_project(tmp_path, tiny_tokenizer_
     assert "open_clip_config.json" in names and "open_clip_model.safetensors" in names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".ckpt", ".pkl"))], "exports carry no pickles"
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, size=(3, 180, 200, 3), dtype=np.uint8)
+    images = _images()
+    theirs = _open_clip_in_fresh_process(f"local-dir:{folder}", images, tmp_path)
+    _assert_same_features(ckpt, images, theirs)
+
+
+def _open_clip_in_fresh_process(name: str, images: np.ndarray, tmp_path: Path, **env_overrides) -> dict:
+    """Image and text features of ``name`` computed by open_clip alone, in a process that cannot import the project."""
     np.save(tmp_path / "images.npy", images)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(env_overrides)
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITH_OPEN_CLIP, str(folder), str(tmp_path / "images.npy"), json.dumps(CAPTIONS)],
+        [sys.executable, "-c", LOAD_WITH_OPEN_CLIP, name, str(tmp_path / "images.npy"), json.dumps(CAPTIONS)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -75,16 +85,29 @@ def test_export_loads_in_open_clip_without_the_project(tmp_path, tiny_tokenizer_
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = json.loads(result.stdout.strip().splitlines()[-1])
     assert theirs["modules"] == [], "the fresh process must not import this project"
+    return theirs
 
+
+def _assert_same_features(ckpt: Path, images: np.ndarray, theirs) -> None:
+    """``theirs`` (a dict of feature lists, or a loaded model) equals the checkpoint's model to 1e-5."""
     from medclip_train.model.loading import load_project_checkpoint
 
     ours = load_project_checkpoint(ckpt)
-    batch = torch.stack([ours.preprocess(Image.fromarray(a)) for a in images])
+    expected = _features(ours, images)
+    got = theirs if isinstance(theirs, dict) else _features(theirs, images)
+    for key in ("image", "text"):
+        assert torch.max(torch.abs(expected[key] - torch.as_tensor(got[key]))) < 1e-5, key
+
+
+def _features(loaded, images: np.ndarray) -> dict:
+    batch = torch.stack([loaded.preprocess(Image.fromarray(a)) for a in images])
+    loaded.model.eval()
     with torch.no_grad():
-        image = ours.model.encode_image(batch)
-        text = ours.model.encode_text(ours.tokenizer(CAPTIONS))
-    assert torch.max(torch.abs(image - torch.tensor(theirs["image"]))) < 1e-5
-    assert torch.max(torch.abs(text - torch.tensor(theirs["text"]))) < 1e-5
+        return {"image": loaded.model.encode_image(batch), "text": loaded.model.encode_text(loaded.tokenizer(CAPTIONS))}
+
+
+def _images(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, size=(3, 180, 200, 3), dtype=np.uint8)
 
 
 def test_open_clip_folder_is_imported_and_training_starts_from_it(tmp_path, tiny_tokenizer_dir):
@@ -128,3 +151,250 @@ def test_open_clip_folder_is_imported_and_training_starts_from_it(tmp_path, tiny
         (module.model.state_dict()[k].float() - v.float()).abs().max().item() for k, v in source.state_dict().items()
     )
     assert 0 < moved < 0.05
+
+
+# ------------------------------------------------------------------------------------ the export folder on disk
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return _trained_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_tokenizer_dir)
+
+
+def test_export_files_share_one_mode_that_follows_the_umask(trained_ckpt, tmp_path):
+    # safetensors' writer created the weights file 0600 whatever the umask; every other file followed it (0644).
+    previous = os.umask(0o027)
+    try:
+        folder = export_checkpoint(str(trained_ckpt), str(tmp_path / "export"))
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()}
+    assert "open_clip_model.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~0o027}, {name: oct(mode) for name, mode in modes.items()}
+
+
+def test_export_refuses_a_non_empty_folder_that_is_not_an_export(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "my_model"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    assert export_main(["--checkpoint", str(trained_ckpt), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err and "--overwrite" in err, err
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == '{"mine": true}'
+
+    assert export_main(["--checkpoint", str(trained_ckpt), "--output", str(out), "--overwrite"]) == 0
+    assert (out / "open_clip_model.safetensors").is_file() and (out / EXPORT_MARKER).is_file()
+
+
+def test_export_into_an_empty_folder_or_its_own_earlier_export_needs_no_flag(trained_ckpt, tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()  # empty: nothing to lose
+    assert export_main(["--checkpoint", str(trained_ckpt), "--output", str(out)]) == 0
+    marker = json.loads((out / EXPORT_MARKER).read_text())
+    assert set(marker["files"]) == {p.name for p in out.iterdir()} - {EXPORT_MARKER}
+    # An earlier export wrote a file this one does not (listed in its marker); the user added notes of their own.
+    marker["files"].append("vocab.txt")
+    (out / EXPORT_MARKER).write_text(json.dumps(marker))
+    (out / "vocab.txt").write_text("stale")
+    (out / "notes.md").write_text("mine")
+    assert export_main(["--checkpoint", str(trained_ckpt), "--output", str(out)]) == 0
+    assert not (out / "vocab.txt").exists(), "a file of the earlier export that this one does not write is removed"
+    assert (out / "notes.md").read_text() == "mine", "files the export did not write are left alone"
+    assert json.loads((out / EXPORT_MARKER).read_text())["files"] == marker["files"][:-1]
+
+
+# ---------------------------------------------------------------------------------------------- a moved export
+
+
+def _move(folder: Path, destination: Path) -> Path:
+    """``shutil.move`` to ``destination`` (another parent folder), with nothing left at the old place."""
+    destination.parent.mkdir(parents=True)
+    moved = Path(shutil.move(str(folder), str(destination)))
+    assert not folder.exists()
+    shutil.rmtree(folder.parent)
+    return moved
+
+
+def test_a_moved_export_loads_with_our_loader(trained_ckpt, tmp_path):
+    from medclip_train.model.loading import load_model
+
+    folder = export_checkpoint(str(trained_ckpt), str(tmp_path / "old" / "export"))
+    moved = _move(folder, tmp_path / "new" / "moved")
+    loaded = load_model(f"local-dir:{moved}")
+    _assert_same_features(trained_ckpt, _images(), loaded)
+
+
+def test_a_moved_export_with_an_edited_text_path_names_what_to_fix(trained_ckpt, tmp_path):
+    from medclip_train.model.loading import load_model
+
+    folder = export_checkpoint(str(trained_ckpt), str(tmp_path / "old" / "export"))
+    moved = _move(folder, tmp_path / "new" / "moved")
+    (moved / "config.json").unlink()  # no copy of the text tower config left to fall back to
+    with pytest.raises(FileNotFoundError) as err:
+        load_model(f"local-dir:{moved}")
+    message = str(err.value)
+    assert "\n" not in message and "text_cfg.hf_model_name" in message and str(folder) in message
+
+
+def test_export_with_a_hub_id_loads_anywhere_with_open_clip(trained_ckpt, tmp_path):
+    hub_id = "medclip-tests/tiny-export"
+    folder = export_checkpoint(str(trained_ckpt), str(tmp_path / "old" / "export"), hub_id=hub_id)
+    text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == hub_id
+    # The pushed repo as huggingface_hub's cache holds it after a download (upload_folder sends the folder as is);
+    # offline, so that only the cache can answer.
+    repo = tmp_path / "hub_cache" / "models--medclip-tests--tiny-export"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    moved = _move(folder, tmp_path / "new" / "moved")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub_cache")}
+    for name in (f"local-dir:{moved}", f"hf-hub:{hub_id}"):
+        _assert_same_features(trained_ckpt, _images(), _open_clip_in_fresh_process(name, _images(), tmp_path, **env))
+
+
+# ------------------------------------------------------------------------------------------------ remote code
+
+
+def _remote_code_tower(folder: Path, marker: Path, model_type: str = "bert") -> Path:
+    """The tiny BERT config, with an ``auto_map`` to a module of the folder that leaves ``marker`` when imported."""
+    from medclip_train.model.presets import HF_CONFIG_DIR
+
+    folder.mkdir(parents=True)
+    config = json.loads((HF_CONFIG_DIR / "bert-tiny" / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "remote_code.RemoteConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "remote_code.py").write_text(
+        "from pathlib import Path\n\n"
+        f"Path({str(marker)!r}).write_text('remote code ran')\n\n"
+        "from transformers import BertConfig\n\n\n"
+        "class RemoteConfig(BertConfig):\n"
+        f"    model_type = {model_type!r}\n"
+    )
+    return folder
+
+
+def _checkpoint_asking_for_remote_code(trained_ckpt: Path, tower: Path, path: Path) -> Path:
+    """``trained_ckpt`` whose saved model config names ``tower`` and says ``trust_remote_code: true``; no pickle."""
+    ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["clip"].update(text_model=str(tower), trust_remote_code=True)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """transformers copies remote code into HF_MODULES_CACHE before importing it: keep that out of the home folder."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    return tmp_path / "hf_modules"
+
+
+def test_a_checkpoint_cannot_turn_on_remote_code(trained_ckpt, tmp_path, modules_cache, capsys):
+    from medclip_train.evaluation.cli import load_for_eval
+
+    marker = tmp_path / "ran.txt"
+    # Unique folder names: transformers names the imported module after the folder.
+    tower = _remote_code_tower(tmp_path / f"tower_{tmp_path.name}", marker)
+    ckpt = _checkpoint_asking_for_remote_code(trained_ckpt, tower, tmp_path / "asks.ckpt")
+    loaded = load_for_eval(str(ckpt), None, "cpu")  # medclip-eval --model asks.ckpt
+    assert not marker.exists()
+    _assert_same_features(trained_ckpt, _images(), loaded)  # loaded safely: transformers' own BertConfig
+    assert export_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "export")]) == 0
+    assert not marker.exists()
+
+
+def test_a_text_tower_that_needs_remote_code_is_refused_in_one_line(trained_ckpt, tmp_path, modules_cache, capsys):
+    from medclip_train.evaluation.cli import load_for_eval
+    from medclip_train.evaluation.errors import EvalInputError
+
+    marker = tmp_path / "ran.txt"
+    tower = _remote_code_tower(tmp_path / f"tower_{tmp_path.name}", marker, model_type="remote-bert")
+    ckpt = _checkpoint_asking_for_remote_code(trained_ckpt, tower, tmp_path / "asks.ckpt")
+    with pytest.raises(EvalInputError) as err:
+        load_for_eval(str(ckpt), None, "cpu")
+    assert "\n" not in str(err.value) and "--trust-remote-code" in str(err.value) and str(tower) in str(err.value)
+    assert export_main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trust-remote-code" in err, err
+    assert not marker.exists()
+
+
+def test_an_open_clip_folder_cannot_turn_on_remote_code(trained_ckpt, tmp_path, modules_cache):
+    from medclip_train.model.loading import load_model
+
+    marker = tmp_path / "ran.txt"
+    folder = export_checkpoint(str(trained_ckpt), str(tmp_path / f"export_{tmp_path.name}"))
+    # The text config and the tokenizer both map to the folder's own code; the config asks open_clip to pass
+    # trust_remote_code to transformers' tokenizer loader (open_clip forwards text_cfg.tokenizer_kwargs).
+    _remote_code_tower(tmp_path / "tower", marker)
+    shutil.copy(tmp_path / "tower" / "remote_code.py", folder / "remote_code.py")
+    (folder / "remote_code.py").write_text(
+        (folder / "remote_code.py").read_text()
+        + "\n\nfrom transformers import PreTrainedTokenizerFast\n\n\nclass RemoteTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "remote_code.RemoteConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "remote_code.RemoteTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    open_clip_config = json.loads((folder / "open_clip_config.json").read_text())
+    open_clip_config["model_cfg"]["text_cfg"]["tokenizer_kwargs"] = {"trust_remote_code": True}
+    (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config))
+
+    try:
+        loaded = load_model(f"local-dir:{folder}")
+    except ValueError as err:  # refused is as good as loaded safely, if it says how to opt in
+        assert "--trust-remote-code" in str(err) and "\n" not in str(err)
+    else:
+        _assert_same_features(trained_ckpt, _images(), loaded)
+    assert not marker.exists()
+
+
+REMOTE_CODE_WITH_THE_FLAG = """
+import json, sys
+from pathlib import Path
+from medclip_train.evaluation import cli
+from medclip_train.export import main as export_main
+how, source, marker = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+if how == "eval":
+    args = cli.build_parser().parse_args(["zeroshot", "--model", source, "--data", "x", "--trust-remote-code"])
+    cli.load_for_eval(args.model, None, "cpu", args.trust_remote_code)
+else:
+    assert export_main(["--checkpoint", source, "--output", sys.argv[4], "--trust-remote-code"]) == 0
+print(json.dumps({"ran": marker.exists()}))
+"""
+
+
+@pytest.mark.parametrize("how", ["eval", "export"])
+def test_the_users_flag_turns_remote_code_on(trained_ckpt, tmp_path, how):
+    # A fresh process each: the remote module is imported once per process, and the test's own stays clean.
+    marker = tmp_path / "ran.txt"
+    tower = _remote_code_tower(tmp_path / f"tower_{how}", marker)
+    ckpt = _checkpoint_asking_for_remote_code(trained_ckpt, tower, tmp_path / "asks.ckpt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_WITH_THE_FLAG, how, str(ckpt), str(marker), str(tmp_path / "export")],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"ran": True}
+
+
+def test_init_from_a_checkpoint_does_not_take_its_trust_remote_code(trained_ckpt, tmp_path, tiny_tokenizer_dir):
+    from medclip_train.model.factory import build_model
+
+    marker = tmp_path / "ran.txt"
+    tower = _remote_code_tower(tmp_path / f"tower_{tmp_path.name}", marker, model_type="remote-bert")
+    ckpt = _checkpoint_asking_for_remote_code(trained_ckpt, tower, tmp_path / "asks.ckpt")
+    built = build_model(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir), init_from=str(ckpt)))
+    assert not marker.exists()
+    assert type(built.model.text.transformer.config).__name__ == "BertConfig"  # the user's config, not the file's

@@ -31,19 +31,22 @@ CLASSIFICATION_COLUMNS = ["task", "n", "num_classes", "top1", "top5", "balanced_
 RETRIEVAL_COLUMNS = ["split", "direction", "R@1", "R@5", "R@10", "mean_rank", "median_rank"]
 
 
-def load_for_eval(source: str, pretrained: str | None, device: str):
-    """``model.loading.load_model`` (imported here: it is heavy and the CLI's ``--help`` should not need it)."""
+def load_for_eval(source: str, pretrained: str | None, device: str, trust_remote_code: bool = False):
+    """``model.loading.load_model`` (imported here: it is heavy and the CLI's ``--help`` should not need it).
+
+    ``trust_remote_code`` is the ``--trust-remote-code`` flag only: nothing read from the model source turns it on.
+    """
     from medclip_train.model.loading import load_model
 
     try:
-        return load_model(source, device=device, pretrained=pretrained)
+        return load_model(source, device=device, pretrained=pretrained, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError) as err:  # unreadable checkpoint, unknown name, missing folder
         message = str(err)
         raise EvalInputError(message if message.startswith("--model") else f"--model {source}: {message}") from err
 
 
 def make_encoder(args) -> tuple[Encoder, str]:
-    loaded = load_for_eval(args.model, args.pretrained, args.device)
+    loaded = load_for_eval(args.model, args.pretrained, args.device, args.trust_remote_code)
     encoder = Encoder(
         loaded.model,
         loaded.tokenizer,
@@ -233,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="*.ckpt, local-dir:DIR, hf-hub:org/repo or an open_clip name")
     common.add_argument("--pretrained", help="open_clip pretrained tag, for open_clip built-in model names")
+    common.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let Hugging Face run Python code shipped with the text tower or tokenizer (off; no checkpoint or "
+        "model folder can turn it on)",
+    )
     common.add_argument("--output", default="eval_results", help="folder for JSON, CSV and PNG (default: %(default)s)")
     common.add_argument("--batch-size", type=int, default=64)
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

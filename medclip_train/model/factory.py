@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from open_clip.model import CustomTextCLIP
@@ -45,14 +47,57 @@ def resolve_open_clip_cfg(cfg: ModelConfig) -> tuple[dict, dict]:
     return model_cfg, preprocess_cfg
 
 
+class RemoteCodeRefused(ValueError):
+    """A text tower config or tokenizer asks Hugging Face to run Python code shipped with it, and the user did not
+    opt in. Only the user's own flag or config may (``--trust-remote-code``, ``model.clip.trust_remote_code``), never
+    a value read from a checkpoint, an open_clip folder or a hub repo."""
+
+    def __init__(self, name: str, filename: str, reference):
+        super().__init__(
+            f"{name}: {filename} asks to run Python code shipped with the model (auto_map {reference}), which is not "
+            "run unless you pass --trust-remote-code (medclip-eval, medclip-export) or set "
+            "model.clip.trust_remote_code: true (training); turn it on only for code you trust"
+        )
+
+
+def remote_code_reference(path: str, filename: str, auto_class: str):
+    """The ``auto_map`` entry for ``auto_class`` in ``filename`` of a local folder or a cached hub repo, or ``None``.
+
+    Reads the JSON only (runs nothing, downloads nothing): it explains an error transformers already raised.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    local = Path(path) / filename
+    try:
+        file = local if local.is_file() else try_to_load_from_cache(path, filename)
+    except ValueError:  # not a valid repo id either
+        return None
+    if not isinstance(file, (str, Path)) or not Path(file).is_file():
+        return None
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    return auto_map.get(auto_class) if isinstance(auto_map, dict) else None
+
+
 def load_text_config(name: str, trust_remote_code: bool = False):
-    """The HF config of the text tower, with an actionable error when it cannot be found offline."""
+    """The HF config of the text tower, with an actionable error when it cannot be found offline.
+
+    ``trust_remote_code`` is passed to transformers explicitly (its default ``None`` prompts on a terminal): with
+    ``False`` a config whose ``model_type`` transformers knows loads with transformers' own class, and one that
+    needs its ``auto_map`` code is refused with :class:`RemoteCodeRefused`.
+    """
     from transformers import AutoConfig
 
     path = resolve_hf_name(name)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        reference = None if trust_remote_code else remote_code_reference(path, "config.json", "AutoConfig")
+        if reference is not None:
+            raise RemoteCodeRefused(name, "config.json", reference) from err
         raise FileNotFoundError(_missing_hf_message("model.text_model", name, "config.json")) from err
 
 
@@ -91,19 +136,24 @@ def validate_model_config(cfg: ModelConfig) -> tuple[dict, dict]:
     return model_cfg, preprocess_cfg
 
 
-def build_tokenizer(model_cfg: dict) -> HFTokenizer:
+def build_tokenizer(model_cfg: dict, trust_remote_code: bool = False) -> HFTokenizer:
     text_cfg = model_cfg["text_cfg"]
     name = text_cfg["hf_tokenizer_name"]
+    path = resolve_hf_name(name)
     try:
-        return HFTokenizer(resolve_hf_name(name), context_length=text_cfg["context_length"])
+        # Explicit, as for the config: transformers' default (None) would prompt for a tokenizer with an auto_map.
+        return HFTokenizer(path, context_length=text_cfg["context_length"], trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        reference = None if trust_remote_code else remote_code_reference(path, "tokenizer_config.json", "AutoTokenizer")
+        if reference is not None:
+            raise RemoteCodeRefused(name, "tokenizer_config.json", reference) from err
         raise FileNotFoundError(_missing_hf_message("model.tokenizer", name, "tokenizer files")) from err
 
 
 def build_model(cfg: ModelConfig) -> BuiltModel:
     """Validate, build the towers through open_clip/timm/transformers, load weights, lock, and tokenizer."""
     model_cfg, preprocess_cfg = validate_model_config(cfg)
-    tokenizer = build_tokenizer(model_cfg)  # before the towers: a missing tokenizer should fail fast
+    tokenizer = build_tokenizer(model_cfg, cfg.trust_remote_code)  # before the towers: fail fast if missing
     build_cfg = {**model_cfg, "text_cfg": dict(model_cfg["text_cfg"])}
     build_cfg["text_cfg"]["hf_model_name"] = resolve_hf_name(build_cfg["text_cfg"]["hf_model_name"])
     try:

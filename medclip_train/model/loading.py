@@ -5,6 +5,7 @@ Anything from outside is read with ``torch.load(weights_only=True)`` or safetens
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,12 @@ def read_project_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
 
 
-def load_project_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """A Lightning checkpoint of this project: rebuild the model from its saved config, load the weights."""
+def load_project_checkpoint(path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
+    """A Lightning checkpoint of this project: rebuild the model from its saved config, load the weights.
+
+    ``trust_remote_code`` is the caller's (the user's flag): the checkpoint's own ``trust_remote_code`` is ignored,
+    since a file without any pickle could otherwise still run the Python code of a text tower it names.
+    """
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     from medclip_train.config import ModelConfig
@@ -48,7 +53,8 @@ def load_project_checkpoint(path: str | Path, device: str = "cpu") -> LoadedMode
     hparams = ckpt.get("hyper_parameters", {})
     if "clip" not in hparams:
         raise ValueError(f"{path}: no 'clip' model config in hyper_parameters; not a medclip-train checkpoint")
-    cfg = ModelConfig(**{**hparams["clip"], "init_from": None, "pretrained_image": False, "pretrained_text": False})
+    overrides = {"init_from": None, "pretrained_image": False, "pretrained_text": False}
+    cfg = ModelConfig(**{**hparams["clip"], **overrides, "trust_remote_code": trust_remote_code})
     built = build_model(cfg)
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     report = load_state_dict_report(built.model, state)
@@ -59,27 +65,120 @@ def load_project_checkpoint(path: str | Path, device: str = "cpu") -> LoadedMode
     return LoadedModel(built.model, built.tokenizer, preprocess, str(path), built.model_cfg, built.preprocess_cfg)
 
 
-def load_open_clip(source: str, pretrained: str | None = None, device: str = "cpu") -> LoadedModel:
-    """``local-dir:DIR``, ``hf-hub:org/repo`` or a built-in open_clip name (+ pretrained tag or file)."""
+def load_open_clip(
+    source: str, pretrained: str | None = None, device: str = "cpu", trust_remote_code: bool = False
+) -> LoadedModel:
+    """``local-dir:DIR``, ``hf-hub:org/repo`` or a built-in open_clip name (+ pretrained tag or file).
+
+    The text tower config is checked first with the caller's ``trust_remote_code`` (open_clip passes none, and
+    transformers then prompts on a terminal), and the tokenizer gets the caller's value, which overrides any
+    ``tokenizer_kwargs`` of the folder's ``open_clip_config.json``: nothing in the folder can turn remote code on.
+    A ``local-dir:`` folder that was moved still loads: see :func:`resolve_local_text_model`.
+    """
     import open_clip
 
+    model_cfg = _open_clip_model_cfg(source) or {}
+    text_cfg = model_cfg.get("text_cfg") or {}
+    overrides = {}
+    if text_cfg.get("hf_model_name"):
+        from medclip_train.model.factory import load_text_config
+
+        name = text_cfg["hf_model_name"]
+        if source.startswith("local-dir:"):
+            name = resolve_local_text_model(Path(source[len("local-dir:") :]), name)
+        load_text_config(name, trust_remote_code)
+        if name != text_cfg["hf_model_name"]:
+            # open_clip applies keyword arguments over the folder's model config; the weights come from the folder.
+            overrides["text_cfg"] = {**text_cfg, "hf_model_name": name, "hf_model_pretrained": False}
     model, preprocess = open_clip.create_model_from_pretrained(
-        source, pretrained=pretrained, device=device, return_transform=True, weights_only=True
+        source, pretrained=pretrained, device=device, return_transform=True, weights_only=True, **overrides
     )
-    tokenizer = open_clip.get_tokenizer(source)
     model.eval()
+    uses_hf_tokenizer = bool(text_cfg.get("hf_tokenizer_name")) or (source.startswith("hf-hub:") and not model_cfg)
+    if not uses_hf_tokenizer:  # open_clip's own tokenizers take no transformers arguments
+        return LoadedModel(model, open_clip.get_tokenizer(source), preprocess, source)
+    try:
+        tokenizer = open_clip.get_tokenizer(source, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        from medclip_train.model.factory import RemoteCodeRefused, remote_code_reference
+
+        folder = source[len("local-dir:") :] if source.startswith("local-dir:") else text_cfg["hf_tokenizer_name"]
+        reference = remote_code_reference(folder, "tokenizer_config.json", "AutoTokenizer")
+        if reference is not None and not trust_remote_code:
+            raise RemoteCodeRefused(source, "tokenizer_config.json", reference) from err
+        raise
     return LoadedModel(model, tokenizer, preprocess, source)
 
 
-def load_model(source: str, device: str = "cpu", pretrained: str | None = None) -> LoadedModel:
-    """Any model source of ``medclip-eval``: ``*.ckpt`` of this project, ``local-dir:``, ``hf-hub:``, open_clip name."""
+def _open_clip_model_cfg(source: str) -> dict | None:
+    """The ``model_cfg`` open_clip will build ``source`` from, or ``None`` where open_clip reports the problem."""
+    import open_clip
+
+    if source.startswith("local-dir:"):
+        path = Path(source[len("local-dir:") :]) / "open_clip_config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except OSError:
+            return None
+        except ValueError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return config.get("model_cfg") if isinstance(config, dict) else None
+    if source.startswith("hf-hub:"):
+        from open_clip.factory import _get_hf_config
+
+        try:
+            return _get_hf_config(source[len("hf-hub:") :]).get("model_cfg")
+        except Exception:  # offline, unknown repo: open_clip's own call raises the error the user should see
+            return None
+    return open_clip.get_model_config(source.replace("/", "-"))
+
+
+def resolve_local_text_model(folder: Path, name: str) -> str:
+    """Where the text tower config named by ``text_cfg.hf_model_name`` of the open_clip folder ``folder`` is.
+
+    open_clip 3.3 passes the name to transformers as it is, so a path is read relative to the working directory
+    and an export (which names its own folder by absolute path) breaks when moved. Here:
+
+    - an export of this project (marker file) whose name is unchanged uses its own copy, ``folder/config.json``;
+    - a relative path is read relative to the folder;
+    - an absolute path that no longer holds a ``config.json`` falls back to ``folder/config.json``;
+    - anything else (a hub id) is returned unchanged.
+    """
+    from medclip_train.export import read_export_marker
+
+    marker = read_export_marker(folder)
+    own = folder / "config.json"
+    if marker and marker.get("text_model_name") == name and own.is_file():
+        return str(folder.resolve())
+    path = Path(name)
+    if not path.is_absolute() and (folder / path / "config.json").is_file():
+        return str((folder / path).resolve())
+    if path.is_absolute() or name.startswith((".", "~")):
+        if (path.expanduser() / "config.json").is_file():
+            return name
+        if own.is_file():
+            return str(folder.resolve())
+        raise FileNotFoundError(
+            f"local-dir:{folder}: text_cfg.hf_model_name {name!r} in open_clip_config.json holds no config.json and "
+            "the folder has none either; set it to a folder with the text tower's config.json or to its HF Hub id"
+        )
+    return name
+
+
+def load_model(
+    source: str, device: str = "cpu", pretrained: str | None = None, trust_remote_code: bool = False
+) -> LoadedModel:
+    """Any model source of ``medclip-eval``: ``*.ckpt`` of this project, ``local-dir:``, ``hf-hub:``, open_clip name.
+
+    ``trust_remote_code`` must come from the user (a command-line flag), never from the model source.
+    """
     if source.endswith(".ckpt"):
         if not Path(source).is_file():
             raise FileNotFoundError(f"--model: checkpoint {source} does not exist")
-        return load_project_checkpoint(source, device)
+        return load_project_checkpoint(source, device, trust_remote_code)
     if source.startswith("local-dir:") and not Path(source[len("local-dir:") :]).is_dir():
         raise FileNotFoundError(f"--model: folder {source[len('local-dir:') :]} does not exist")
-    return load_open_clip(source, pretrained, device)
+    return load_open_clip(source, pretrained, device, trust_remote_code)
 
 
 def load_state_dict_report(model: torch.nn.Module, state: dict) -> dict:

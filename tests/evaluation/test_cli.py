@@ -15,8 +15,8 @@ def tiny_loader(monkeypatch, tiny_clip):
     """``load_model`` stand-in: every ``--model`` is the tiny model (no checkpoint, no download)."""
     calls = []
 
-    def load(source, pretrained, device):
-        calls.append(source)
+    def load(source, pretrained, device, trust_remote_code=False):
+        calls.append((source, trust_remote_code))
         return tiny_clip
 
     monkeypatch.setattr(cli, "load_for_eval", load)
@@ -150,3 +150,9 @@ def test_linear_probe_on_shards_shares_classes_across_splits(tmp_path):
     result = json.loads((out / "linear_probe.json").read_text())["finding"]
     assert [row["class"] for row in result["per_class"]] == ["f0", "f1", "f2"]
     assert result["n_train"] == 6 and result["k_shot"] == 2 and result["n"] == 8
+
+
+def test_trust_remote_code_is_off_unless_the_flag_is_given(image_folder, tmp_path, tiny_loader):
+    args = ["zeroshot", "--model", "m.ckpt", "--data", str(image_folder), "--output", str(tmp_path / "o")]
+    assert run(args) == 0 and run([*args, "--trust-remote-code"]) == 0
+    assert tiny_loader == [("m.ckpt", False), ("m.ckpt", True)]
