@@ -128,7 +128,9 @@ class SemanticMatchingLoss(nn.Module):
         """
         rows = F.normalize(row_labels.detach().float(), dim=1)  # all-zero rows stay zero
         columns = F.normalize(column_labels.detach().float(), dim=1)
-        similarity = rows @ columns.T  # (B, N) cosine of the label vectors
+        # Not under autocast: its bf16 matmul (and the softmax of it) rounded the targets, 1/3 to 0.334.
+        with torch.autocast(rows.device.type, enabled=False):
+            similarity = rows @ columns.T  # (B, N) cosine of the label vectors
         local = torch.arange(rows.shape[0], device=rows.device)
         pair = local + offset  # (B,) global column of each row's own pair
         similarity[local, pair] = 1.0  # the true pair is always a full positive
@@ -167,8 +169,9 @@ class SemanticMatchingLoss(nn.Module):
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # Probability targets; cast so that a bf16 run outside autocast does not mix dtypes.
-    return F.cross_entropy(logits, targets.to(logits.dtype))
+    # In fp32: in a bf16 run the logits are bf16, and casting the probability targets to them rounded soft targets
+    # such as 1/3 (to 0.334) and moved the loss by ~1e-3. Upcasting the logits loses nothing.
+    return F.cross_entropy(logits.float(), targets.float())
 
 
 def _check_labels(

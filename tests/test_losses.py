@@ -18,6 +18,7 @@ from medclip_train.losses import (
     SemanticMatchingLoss,
     SigLIPLoss,
     build_loss,
+    global_logits,
 )
 
 
@@ -150,6 +151,27 @@ def test_semantic_matching_label_errors():
         SemanticMatchingLoss()(image, text, log_scale.exp(), image_labels=torch.eye(4), text_labels=torch.eye(3))
     with pytest.raises(ValueError, match="sm_target_temperature"):
         SemanticMatchingLoss(0.0)
+
+
+def test_semantic_matching_under_bf16_autocast_keeps_soft_targets_in_fp32():
+    # 3 samples share one finding and 7 another: at a cold target temperature the soft targets are 1/3 and 1/7,
+    # neither representable in bf16 (0.333984375, 0.142578125). Autocast runs the logits' matmul in bf16; the
+    # targets (a label matmul and a softmax) and the cross-entropy must still be fp32, as in the fp32 loss of those
+    # same bf16-rounded logits.
+    image, text, log_scale = _features(10)
+    image, text, scale = F.normalize(image, dim=-1), F.normalize(text, dim=-1), log_scale.exp()
+    labels = torch.tensor([[1, 0]] * 3 + [[0, 1]] * 7)
+    sm = SemanticMatchingLoss(1e-4)
+    targets = sm.soft_targets(labels, labels, offset=0)
+    assert targets[0, 0] == torch.tensor(1 / 3) and targets[3, 3] == torch.tensor(1 / 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = global_logits(image, text, scale)
+        loss = sm(image, text, scale, image_labels=labels)
+    assert logits.logits_per_image.dtype == torch.bfloat16, "the test needs bf16 logits"
+    fp32 = GlobalLogits(logits.logits_per_image.float(), logits.logits_per_text.float(), logits.offset)
+    reference = sm.from_logits(fp32, labels, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=0)
 
 
 def test_combined_weights_and_parts():
