@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -35,28 +36,41 @@ def _side_bin(side: int) -> str:
     return f">{SIDE_BINS[-1]}"
 
 
+# webdataset's base_plus_ext: the key is the member name up to the first dot of its base name, folders included.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
 def _read_shard(path: Path, max_samples: int | None) -> list[dict[str, Any]]:
-    """Samples of one shard as ``{key, exts, caption, image_size}``; stops after ``max_samples``."""
-    samples: dict[str, dict[str, Any]] = {}
+    """Samples of one shard as ``{key, exts, caption, image_size}``, grouped as webdataset and open_clip group them.
+
+    A sample is a run of consecutive members with the same key; a member with another key, or with an extension the
+    sample already has, starts the next sample. So a key that comes back later in a shard is a second sample with the
+    same key (what a training run reads), not merged into the first: :func:`inspect_output` reports it. Members
+    without an extension are skipped, as readers skip them. Stops after ``max_samples`` samples.
+    """
+    samples: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
     with tarfile.open(path, "r") as tar:
         for member in tar:
-            if not member.isfile():
+            match = _KEY_EXT.match(member.name) if member.isfile() else None
+            if match is None:
                 continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            sample = samples.setdefault(key, {"key": key, "exts": [], "caption": None, "image_size": None})
-            if max_samples and len(samples) > max_samples:
-                samples.pop(key)
-                break
-            sample["exts"].append(ext)
+            key, ext = match.group(1), match.group(2).lower()
+            if current is None or key != current["key"] or ext in current["exts"]:
+                if max_samples and len(samples) >= max_samples:
+                    break
+                current = {"key": key, "exts": [], "caption": None, "image_size": None}
+                samples.append(current)
+            current["exts"].append(ext)
             data = tar.extractfile(member).read()
             if ext == "txt":
-                sample["caption"] = data.decode("utf-8", "replace")
+                current["caption"] = data.decode("utf-8", "replace")
             elif ext in IMAGE_EXTS:
                 try:
-                    sample["image_size"] = Image.open(io.BytesIO(data)).size  # header only
+                    current["image_size"] = Image.open(io.BytesIO(data)).size  # header only
                 except Exception:  # a broken image is reported as a problem, not raised
-                    sample["image_size"] = None
-    return list(samples.values())
+                    current["image_size"] = None
+    return samples
 
 
 def _token_counter(tokenizer: str | None):
@@ -121,7 +135,8 @@ def inspect_output(
     count_tokens, special = _token_counter(tokenizer)
     splits: dict[str, Counter] = defaultdict(Counter)
     captions: dict[str, list[str]] = defaultdict(list)
-    sides, formats, keys = Counter(), Counter(), Counter()
+    sides, formats = Counter(), Counter()
+    keys: dict[str, list[str]] = defaultdict(list)  # key -> the shard of each sample with that key
     for shard in sorted(output.glob("*.tar")):
         split = shard.name.rsplit("-", 1)[0]
         samples = _read_shard(shard, max_samples)
@@ -129,13 +144,18 @@ def inspect_output(
         splits[split]["samples"] += len(samples)
         problems += _shard_problems(shard, samples, sizes, max_samples)
         for s in samples:
-            keys[s["key"]] += 1
+            keys[s["key"]].append(shard.name)
             formats.update(e for e in s["exts"] if e in IMAGE_EXTS)
             if s["caption"] is not None:
                 captions[split].append(s["caption"])
             if s["image_size"]:
                 sides[_side_bin(max(s["image_size"]))] += 1
-    problems += [f"key {k!r} appears {n} times" for k, n in keys.items() if n > 1][:10]
+    # Our writer keeps keys unique across all shards; a shard from elsewhere may not, and readers then yield
+    # separate samples sharing one key (a sample duplicated, or split into an image-only and a caption-only one).
+    repeated = {k: len(shards) for k, shards in keys.items() if len(shards) > 1}
+    problems += [f"key {k!r} appears {n} times ({', '.join(sorted(set(keys[k])))})" for k, n in repeated.items()][:10]
+    if len(repeated) > 10:
+        problems.append(f"... {len(repeated) - 10} more keys appear more than once")
     order = [*(f"<={SIDE_BINS[0]}",), *(f"{a + 1}-{b}" for a, b in zip(SIDE_BINS, SIDE_BINS[1:])), f">{SIDE_BINS[-1]}"]
     return {
         "output": str(output),
@@ -153,6 +173,7 @@ def inspect_output(
         "image_formats": dict(formats),
         "rejected": (manifest or {}).get("rejected", _count_rejections(output / "rejected.jsonl")),
         "counts": (manifest or {}).get("counts"),
+        "repeated_keys": repeated,
     }
 
 

@@ -446,8 +446,13 @@ class _Conversion:
 
     def add_sample(self, record: Record, caption: str, image: EncodedImage) -> None:
         key = sample_key(record.source, record.id)
-        if key in self.keys:  # distinct ids that sanitise to the same key ("a.b" and "a_b")
-            key = f"{key}_{short_hash(record.source + chr(0) + record.id)}"
+        # Distinct ids can sanitise to the same key ("a.b" and "a_b"), and a suffixed key can be another record's own
+        # key: retry until unique. Keys are then unique across all shards and splits, which webdataset needs (a key
+        # seen again later is read as a separate sample), so conversions have nothing to warn about.
+        base, salt = key, record.source + chr(0) + record.id
+        while key in self.keys:
+            key = f"{base}_{short_hash(salt)}"  # the first suffix is the one earlier versions gave
+            salt += chr(0)
         self.keys.add(key)
         meta = sample_json(record, image)
         members = [(image.ext, image.data), ("txt", caption.encode("utf-8"))]
