@@ -53,6 +53,13 @@ class CLIPModule(L.LightningModule):
         clip, loss, optim = clip or ModelConfig(), loss or LossConfig(), optim or OptimConfig()
         if accumulation_steps < 1:
             raise ValueError(f"model.accumulation_steps must be >= 1, got {accumulation_steps}")
+        if clip.init_logit_bias is not None and loss.kind != "siglip":
+            # A softmax ignores a constant bias: the trainable parameter would never get a gradient, and DDP (second
+            # step: "Expected to have finished reduction") and accumulation (autograd.grad of an unused leaf) fail.
+            raise ValueError(
+                f"model.clip.init_logit_bias={clip.init_logit_bias} is only used by model.loss.kind=siglip, "
+                f"not by model.loss.kind={loss.kind}: remove init_logit_bias or set loss.kind=siglip"
+            )
         self.automatic_optimization = False
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
@@ -250,6 +257,13 @@ class CLIPModule(L.LightningModule):
         if total is None or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
         cfg = self.optim_cfg
+        if cfg.fused and str(self.trainer.precision) == "16-mixed":
+            # Lightning does not unscale_ the fp16 gradients of an optimizer that unscales in its own step (fused)
+            # before on_before_optimizer_step: the clipping and the non-finite check there would see scaled ones.
+            raise ValueError(
+                "model.optim.fused=true does not work with trainer.precision=16-mixed (the gradient clipping would see "
+                "fp16-scaled gradients): leave model.optim.fused unset (foreach AdamW) or use bf16-mixed"
+            )
         if cfg.fused is None:
             # torch has fused AdamW kernels for CPU and CUDA; Lightning's fp16 grad scaler is kept on the foreach path.
             fused_kernels = self.device.type in ("cpu", "cuda")
