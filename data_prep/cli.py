@@ -7,11 +7,14 @@ missing columns) is one ``medclip-prep: error: ...`` line on stderr and exit cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -423,6 +426,32 @@ def _nothing_written_line(summary: Summary) -> str:
     )
 
 
+class _Terminated(BaseException):
+    """SIGTERM as an exception (like KeyboardInterrupt for SIGINT), so the writer's clean-up runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_cleanly():
+    """Turn SIGTERM (``kill``, a scheduler's time limit) into :class:`_Terminated` while a conversion runs.
+
+    Left to its default action, SIGTERM ends the process at once: no ``.tmp`` removed, the pool not shut down. The
+    handler fires once and then restores the default, so a second SIGTERM still ends a stuck clean-up.
+    """
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise _Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``medclip-prep``; returns the exit code: 0 ok, 1 writing failed or ``inspect`` saw problems, 2 bad input."""
     parser = build_parser()
@@ -435,7 +464,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.command}: the input (a positional argument or --input) is required")
     run: Callable = args.run
     try:
-        result = run(args)
+        with _sigterm_stops_cleanly():
+            result = run(args)
+    except _Terminated:
+        stopped = "stopped by SIGTERM: temporary files removed, complete shards kept, no manifest.json"
+        print(f"medclip-prep: error: {stopped} (rerun with --overwrite to start again)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except PrepError as e:
         print(f"medclip-prep: error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ Every file is written under a ``.tmp`` name and renamed into place when complete
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import multiprocessing
@@ -21,9 +22,11 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import threading
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -352,7 +355,58 @@ def _executor(workers: int) -> Executor:
     method = "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "forkserver"
     if method not in multiprocessing.get_all_start_methods():
         method = "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    context = multiprocessing.get_context(method)
+    owner = (os.getpid(), _start_time(os.getpid()))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=owner)
+
+
+# A worker blocked on the pool's queue never learns that the converter died of SIGKILL (or of SIGTERM before the
+# handler of medclip-prep's CLI, or in a library caller without one): it used to wait there as an orphan. So each
+# worker gets a parent-death signal (Linux; the parent is the converter for fork, the forkserver otherwise) and a
+# thread that watches the converter itself, which covers forkserver/spawn workers and other systems.
+_PR_SET_PDEATHSIG = 1
+_WATCH_INTERVAL_S = 0.5
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of ``pid`` (/proc, Linux): tells the converter from a later process given its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(pid: int, started: str | None) -> bool:
+    if started is not None:  # Linux: a zombie (killed, not yet reaped) or a reused pid is not the converter
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        return fields[0] != "Z" and fields[19] == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else: cannot be ours, but do not guess
+        return True
+    return True
+
+
+def _watch_owner(pid: int, started: str | None) -> None:
+    while _owner_alive(pid, started):
+        time.sleep(_WATCH_INTERVAL_S)
+    os._exit(1)  # workers write nothing: there is nothing to clean up
+
+
+def _worker_init(owner_pid: int, owner_started: str | None) -> None:
+    """Pool worker initializer: die with the converter (see above)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's handler, meant for the parent
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no libc prctl: the watching thread still covers it
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not _owner_alive(owner_pid, owner_started):  # died before the death signal was set
+        os._exit(1)
+    threading.Thread(target=_watch_owner, args=(owner_pid, owner_started), daemon=True, name="owner-watch").start()
 
 
 class _ProgressBar(tqdm):
