@@ -252,7 +252,8 @@ def run(output: Path, counts: dict[str, int], image_size: int, options: WriteOpt
 
     def finalize(out: Path) -> dict:
         vocab = train_wordpiece((s.caption() for s in splits.get("train", [])), out / "tokenizer")
-        zeroshot = export_zeroshot(splits.get("test", []), out / "zeroshot")
+        # No test images, no zero-shot task: a prompts.json naming no class would only fail the evaluation later.
+        zeroshot = export_zeroshot(splits["test"], out / "zeroshot") if splits.get("test") else {}
         return {"tokenizer": {"path": "tokenizer", "vocab_size": vocab}, "zeroshot": zeroshot}
 
     total = sum(counts.values())

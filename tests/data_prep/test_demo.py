@@ -125,3 +125,15 @@ def test_demo_rerun_keeps_an_identical_demo_and_replaces_a_different_one(tmp_pat
     assert code == 2 and "--overwrite" in err
     assert run_cli("demo", "--output", out, *SMALL, "--overwrite")[0] == 0
     check_accounting(out)
+
+
+def test_demo_without_a_test_split_has_no_zeroshot_folder(tmp_path, run_cli):
+    """--n-test 0 is allowed: no zero-shot task can be made of no images, so none is written (it used to crash)."""
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli("demo", "--output", out, "--n-train", "4", "--n-val", "2", "--n-test", "0",
+                                "--image-size", "32")  # fmt: skip
+    assert code == 0, err
+    manifest, _, _ = check_accounting(out, stdout)
+    assert manifest["extras"]["zeroshot"] == {} and not (out / "zeroshot").exists()
+    assert run_cli("demo", "--output", out, "--n-train", "4", "--n-val", "2", "--n-test", "0",
+                   "--image-size", "32")[1] == stdout  # fmt: skip  # complete: kept as it is on a rerun
