@@ -201,7 +201,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MedCLIPCLI:
         raise SystemExit(2) from None
     finally:
         release_held_locks()
-    preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Preemption)), None) if run else None
+    callbacks = getattr(getattr(cli, "trainer", None), "callbacks", [])
+    preemption = next((cb for cb in callbacks if isinstance(cb, Preemption)), None) if run else None
     if preemption is not None and preemption.stopped_by:
         preemption.requeue(cli.trainer.is_global_zero)
         print(f"stopped by {preemption.stopped_by}; last.ckpt holds step {cli.trainer.global_step}", file=sys.stderr)

@@ -1,0 +1,208 @@
+"""Artefacts a user can trust: a resume that cannot silently shift the data, one run per folder, no endless epoch
+of bad samples, no stale temporary files, and one-line errors that name the option."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.shardkit import make_shards, shard_pattern
+from tests.training.conftest import (
+    SlowDown,
+    callback_arg,
+    fit_args,
+    read_metrics,
+    read_summary,
+    run_cli,
+    train_py,
+)
+
+B4 = ("--data.batch_size", "4")
+
+
+def cli_error(capsys, args) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as stop:
+        run_cli(args)
+    return stop.value.code, capsys.readouterr().err.strip()
+
+
+# ---- resume -------------------------------------------------------------------------------------------------------
+def test_resume_with_another_batch_size_mid_epoch_is_refused_naming_both_values(tmp_path, shards, tok, capsys):
+    pattern = shards([16, 16])  # 32 samples, batch 4: 8 steps an epoch; 3 steps stop in its middle
+    root = tmp_path / "run"
+    run_cli(fit_args(tok, pattern, root, "--trainer.max_steps", "3", "--data.batch_size", "4"))
+    before = (root / "last.ckpt").stat().st_mtime_ns
+    capsys.readouterr()
+    code, err = cli_error(
+        capsys,
+        fit_args(tok, pattern, root, "--trainer.max_steps", "6", "--data.batch_size", "8", "--ckpt_path=last"),
+    )
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert "data.batch_size" in err and "4" in err and "8" in err and "epoch 0" in err
+    assert (root / "last.ckpt").stat().st_mtime_ns == before, "the refused resume wrote nothing"
+    assert not (root / "metrics.part1.csv").exists(), "the refused resume moved no file"
+
+
+def test_resume_with_another_tokenizer_is_refused_unless_allowed(tmp_path, shards, tok, capsys):
+    pattern = shards([16, 16])
+    root = tmp_path / "run"
+    run_cli(fit_args(tok, pattern, root, "--trainer.max_steps", "2", "--data.batch_size", "4"))
+    other = tmp_path / "other_tokenizer"
+    other.symlink_to(tok, target_is_directory=True)  # the same files under another name: still another setting
+    args = fit_args(other, pattern, root, "--trainer.max_steps", "4", "--data.batch_size", "4", "--ckpt_path", "last")
+    capsys.readouterr()
+    code, err = cli_error(capsys, args)
+    assert code == 2 and len(err.splitlines()) == 1 and "model.clip.tokenizer" in err, err
+    run_cli([*args, "--resume_allow_changed", "[model.clip.tokenizer]"])
+    assert read_summary(root)["steps"] == 4
+    assert "resuming with a changed setting" in capsys.readouterr().err
+
+
+def test_resume_with_another_shard_list_is_refused(tmp_path, shards, tok, capsys):
+    root = tmp_path / "run"
+    run_cli(fit_args(tok, shards([8, 8]), root, "--trainer.max_steps", "2", "--data.batch_size", "4"))
+    capsys.readouterr()
+    code, err = cli_error(
+        capsys, fit_args(tok, shards([8, 8]), root, "--trainer.max_steps", "4", *B4, "--ckpt_path", "last")
+    )
+    assert code == 2 and "data.train" in err, err
+
+
+def test_resume_of_a_finished_run_says_so_and_touches_nothing(tmp_path, shards, tok, capsys):
+    pattern = shards([8, 8])
+    root = tmp_path / "run"
+    run_cli(fit_args(tok, pattern, root, "--trainer.max_steps", "2", "--data.batch_size", "4"))
+    files = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(
+            fit_args(tok, pattern, root, "--trainer.max_steps", "2", "--data.batch_size", "4", "--ckpt_path", "last")
+        )
+    assert stop.value.code == 0
+    assert "already finished at step 2" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == files
+
+
+def test_max_steps_zero_is_a_one_line_config_error(tmp_path, shards, tok, capsys):
+    code, err = cli_error(capsys, fit_args(tok, shards([8]), tmp_path / "run", "--trainer.max_steps", "0"))
+    assert code == 2 and err.startswith("error: trainer.max_steps") and len(err.splitlines()) == 1, err
+
+
+# ---- parser errors ------------------------------------------------------------------------------------------------
+def test_a_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, shards, tok, capsys):
+    code, err = cli_error(capsys, fit_args(tok, shards([8]), tmp_path / "run", "--model.optim.lr", "fast"))
+    assert code == 2
+    assert err == "error: --model.optim.lr: expected float, got 'fast'"
+
+
+def test_an_abbreviated_option_is_refused_with_the_nearest_real_one(tmp_path, shards, tok, capsys):
+    root = tmp_path / "run"
+    code, err = cli_error(capsys, fit_args(tok, shards([8]), root, "--trainer.max_step", "30"))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--trainer.max_step" in err and "did you mean --trainer.max_steps?" in err
+    assert not (root / "last.ckpt").exists(), "the typo must not start a run"
+
+
+# ---- run folder ---------------------------------------------------------------------------------------------------
+def test_a_second_run_in_the_same_folder_stops_at_once_and_the_first_is_unharmed(tmp_path, shards, tok, capsys):
+    pattern = shards([16, 16])
+    root = tmp_path / "run"
+    slow = ("--trainer.callbacks+", callback_arg(SlowDown, delay_s=0.3))
+    first = train_py(
+        fit_args(tok, pattern, root, "--trainer.max_steps", "8", "--data.batch_size", "4", *slow),
+        log=tmp_path / "first.log",
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "metrics.csv").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+        config_before = (root / "config.yaml").read_text()
+        code, err = cli_error(capsys, fit_args(tok, pattern, root, "--trainer.max_steps", "3"))
+        assert code == 2 and "another run is using this run folder" in err and f"PID {first.pid}" in err, err
+        assert (root / "config.yaml").read_text() == config_before
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert [int(r["step"]) for r in read_metrics(root)] == list(range(8))
+    assert not (root / ".run.lock").exists(), "the lock is released at the end of the run"
+
+
+def test_the_lock_of_a_dead_run_is_taken_over_with_a_warning(tmp_path, shards, tok, capsys):
+    root = tmp_path / "run"
+    root.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (root / ".run.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    run_cli(fit_args(tok, shards([8]), root, "--trainer.max_steps", "1", "--data.batch_size", "4"))
+    assert "taking over the lock of a run that is no longer alive" in capsys.readouterr().err
+    assert read_summary(root)["steps"] == 1
+
+
+def test_stale_checkpoint_temporaries_are_removed_and_nothing_else(tmp_path, shards, tok):
+    root = tmp_path / "run"
+    root.mkdir()
+    stale = root / ".step0000002.ckpt.x7ab_3.tmp"  # the name AtomicCheckpointIO gives, left by a kill -9
+    stale.write_bytes(b"half a checkpoint")
+    mine = root / ".notes.tmp"
+    mine.write_text("a user's file")
+    run_cli(fit_args(tok, shards([8]), root, "--trainer.max_steps", "1", "--data.batch_size", "4"))
+    assert not stale.exists()
+    assert mine.read_text() == "a user's file"
+
+
+def test_a_rank_other_than_zero_moves_no_metrics_and_takes_no_lock(tmp_path, shards, tok, monkeypatch):
+    """Lightning's DDP launcher re-runs the command for each local rank with LOCAL_RANK set: each rank used to move
+    metrics.csv aside on resume (a race with rank zero's logger) and would now also take the folder's lock."""
+    pattern = shards([16, 16])
+    root = tmp_path / "run"
+    run_cli(fit_args(tok, pattern, root, "--trainer.max_steps", "2", "--data.batch_size", "4"))
+    from medclip_train.cli import MedCLIPCLI, cli_main
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    args = fit_args(tok, pattern, root, "--trainer.max_steps", "4", "--data.batch_size", "4", "--ckpt_path", "last")
+    calls = []
+    # Only the set-up before the model is built runs: that is where the folder is prepared.
+    monkeypatch.setattr(MedCLIPCLI, "instantiate_classes", lambda self: calls.append(self.config))
+    monkeypatch.setattr(MedCLIPCLI, "_run_subcommand", lambda self, subcommand: None)
+    cli_main(args)
+    assert calls, "the CLI got to building the classes"
+    assert (root / "metrics.csv").exists() and not (root / "metrics.part1.csv").exists()
+    assert not (root / ".run.lock").exists()
+
+
+# ---- data that cannot train -----------------------------------------------------------------------------------------
+def _bad_dataset(tmp_path, kind: str) -> str:
+    folder = tmp_path / kind
+    if kind == "text_named_tar":
+        folder.mkdir()
+        (folder / "train-000000.tar").write_text("this is not a tar file\n" * 10)
+        (folder / "sizes.json").write_text(json.dumps({"train-000000.tar": 12}))
+        return str(folder / "train-000000.tar")
+    paths = make_shards(folder, [12], image_size=32, corrupt={i: "no_text" for i in range(12)})
+    return shard_pattern(paths)
+
+
+@pytest.mark.parametrize("kind", ["text_named_tar", "images_without_captions"])
+def test_a_dataset_of_only_bad_samples_stops_with_the_shard_named(tmp_path, tok, kind):
+    pattern = _bad_dataset(tmp_path, kind)
+    proc = train_py(fit_args(tok, pattern, tmp_path / "run", "--trainer.max_steps", "1000", "--data.batch_size", "4"))
+    try:
+        out, err = proc.communicate(timeout=240)  # it used to start a new empty epoch forever
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("a dataset of bad samples made the run hang")
+    assert proc.returncode != 0
+    assert "DataError" in err and "train-000000.tar" in err, err[-2000:]
+    last = tmp_path / "run" / "last.ckpt"
+    assert not last.exists() or torch.load(last, weights_only=True)["WebDataModule"]["epoch"] < 2
