@@ -14,8 +14,9 @@ from medclip_train.evaluation.datasets import open_classification, open_retrieva
 from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.features import Encoder, FeatureCache
 from medclip_train.evaluation.linear_probe import evaluate_linear_probe
-from medclip_train.evaluation.metrics import scalar_metrics
+from medclip_train.evaluation.metrics import BOOTSTRAP_MAX_N, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, scalar_metrics
 from medclip_train.evaluation.report import (
+    format_interval,
     long_rows,
     markdown_table,
     safe_name,
@@ -27,8 +28,23 @@ from medclip_train.evaluation.retrieval import evaluate_retrieval
 from medclip_train.evaluation.suite import flat_retrieval_metrics, flat_zeroshot_metrics
 from medclip_train.evaluation.zeroshot import evaluate_zeroshot
 
-CLASSIFICATION_COLUMNS = ["task", "n", "num_classes", "top1", "top5", "balanced_acc", "macro_f1", "auroc", "mAP"]
-RETRIEVAL_COLUMNS = ["split", "direction", "R@1", "R@5", "R@10", "mean_rank", "median_rank"]
+# Every figure of a zero-shot or retrieval table is printed with its 95% bootstrap interval and its chance level:
+# a number without the baseline it must beat (0.5 for a 2-class task) and without its sampling error reads as
+# better than it is.
+FIGURE_COLUMNS = ["value", "95% CI", "chance"]
+ZEROSHOT_METRICS = {
+    "top1": "top-1",
+    "top5": "top-5",
+    "balanced_acc": "balanced acc",
+    "macro_f1": "macro F1",
+    "auroc": "AUROC",
+    "mAP": "mAP",
+}
+ZEROSHOT_COLUMNS = ["task", "n", "classes", "metric", *FIGURE_COLUMNS]
+PER_CLASS_COLUMNS = ["task", "class", "support", "prevalence", "precision", "recall", "f1"]
+PER_CLASS_MULTILABEL_COLUMNS = ["task", "class", "support", "prevalence", "ap", "auroc"]
+RETRIEVAL_METRICS = {"R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "mean_rank": "mean rank", "median_rank": "median rank"}
+RETRIEVAL_COLUMNS = ["split", "direction", "queries", "metric", *FIGURE_COLUMNS]
 
 
 def load_for_eval(source: str, pretrained: str | None, device: str, trust_remote_code: bool = False):
@@ -68,13 +84,64 @@ def run_zeroshot(args) -> int:
     datasets = [open_classification(d, args.prompts, args.label_prefix, args.split) for d in args.data]
     results = {}
     for data in datasets:
-        results[data.name] = evaluate_zeroshot(encoder, data, max_samples=args.max_samples)
+        results[data.name] = evaluate_zeroshot(encoder, data, max_samples=args.max_samples, bootstrap=args.bootstrap)
         write_classification_details(args.output, f"zeroshot_{safe_name(data.name)}", results[data.name])
     write_json(Path(args.output) / "zeroshot.json", {"command": "zeroshot", "model": model_name, "tasks": results})
-    rows = [row for task, r in results.items() for row in long_rows(scalar_metrics(r), task=task)]
+    rows = [
+        row
+        for task, r in results.items()
+        for row in long_rows(scalar_metrics(r), r.get("ci95", {}), r.get("chance", {}), task=task)
+    ]
     write_csv(Path(args.output) / "zeroshot.csv", rows)
-    print(markdown_table([{"task": t, **r} for t, r in results.items()], CLASSIFICATION_COLUMNS))
+    print(markdown_table(zeroshot_rows(results), ZEROSHOT_COLUMNS))
+    print_per_class_tables(results)
+    print(legend(args.bootstrap))
     return 0
+
+
+def figure(metrics: dict, key: str) -> dict:
+    """The table cells of one figure: its value, 95% interval and chance level."""
+    return {
+        "value": metrics[key],
+        "95% CI": format_interval((metrics.get("ci95") or {}).get(key)),
+        "chance": (metrics.get("chance") or {}).get(key),
+    }
+
+
+def zeroshot_rows(results: dict[str, dict]) -> list[dict]:
+    return [
+        {"task": task, "n": r["n"], "classes": r["num_classes"], "metric": label, **figure(r, key)}
+        for task, r in results.items()
+        for key, label in ZEROSHOT_METRICS.items()
+        if key in r
+    ]
+
+
+def print_per_class_tables(results: dict[str, dict]) -> None:
+    """Per-class support, prevalence (a random guess's precision) and recall/precision/F1, or AP/AUROC."""
+    for multilabel, columns in ((False, PER_CLASS_COLUMNS), (True, PER_CLASS_MULTILABEL_COLUMNS)):
+        rows = [
+            {"task": task, **row}
+            for task, r in results.items()
+            if bool(r.get("multilabel")) == multilabel
+            for row in r["per_class"]
+        ]
+        if rows:
+            print()
+            print(markdown_table(rows, columns))
+
+
+def legend(bootstrap: int) -> str:
+    intervals = (
+        f"95% CI: percentile bootstrap over the test samples ({bootstrap} resamples, seed {BOOTSTRAP_SEED}; "
+        f"only for up to {BOOTSTRAP_MAX_N} samples)"
+        if bootstrap
+        else "95% CI: not computed (--bootstrap 0)"
+    )
+    return (
+        "\nchance: the score of a model that ignores its input (top-1: the majority class's share; balanced acc: "
+        f"1/C; AUROC: 0.5; R@k: k/N for one caption per image).\n{intervals}."
+    )
 
 
 def run_retrieval(args) -> int:
@@ -87,23 +154,32 @@ def run_retrieval(args) -> int:
         subset=args.subset,
         subset_seed=args.subset_seed,
         min_words=args.min_words,
+        bootstrap=args.bootstrap,
     )
     write_json(Path(args.output) / "retrieval.json", {"command": "retrieval", "model": model_name, **result})
     splits = {"full": result["full"], f"subset{args.subset}": result["subset"]}
     splits = {name: metrics for name, metrics in splits.items() if metrics}
     write_csv(
         Path(args.output) / "retrieval.csv",
-        [row for name, m in splits.items() for row in long_rows(m, split=name)],
+        [row for name, m in splits.items() for row in long_rows(m, m.get("ci95", {}), m["chance"], split=name)],
     )
     print(markdown_table(retrieval_rows(splits), RETRIEVAL_COLUMNS))
+    print(legend(args.bootstrap))
     return 0
 
 
 def retrieval_rows(splits: dict[str, dict]) -> list[dict]:
     return [
-        {"split": name, "direction": d, **{k: m[f"{d}_{k}"] for k in RETRIEVAL_COLUMNS[2:]}}
+        {
+            "split": name,
+            "direction": d,
+            "queries": m["num_images"] if d == "i2t" else m["num_texts"],
+            "metric": label,
+            **figure(m, f"{d}_{key}"),
+        }
         for name, m in splits.items()
         for d in ("i2t", "t2i")
+        for key, label in RETRIEVAL_METRICS.items()
     ]
 
 
@@ -161,23 +237,34 @@ def probe_arrays(data, encoded, classes: list[str]) -> tuple[np.ndarray, np.ndar
 def run_all(args) -> int:
     tasks, shards = all_inputs(args)
     encoder, model_name = make_encoder(args)
-    zeroshot, flat = {}, {}
+    zeroshot, flat, intervals, chance = {}, {}, {}, {}
     for task in tasks:
         data = open_classification(task)
-        zeroshot[data.name] = evaluate_zeroshot(encoder, data, max_samples=args.max_samples)
-        write_classification_details(args.output, f"zeroshot_{safe_name(data.name)}", zeroshot[data.name])
-        flat.update(flat_zeroshot_metrics(data.name, zeroshot[data.name]))
+        result = evaluate_zeroshot(encoder, data, max_samples=args.max_samples, bootstrap=args.bootstrap)
+        zeroshot[data.name] = result
+        write_classification_details(args.output, f"zeroshot_{safe_name(data.name)}", result)
+        flat.update(flat_zeroshot_metrics(data.name, result))
+        intervals.update({f"zeroshot/{data.name}/{k}": v for k, v in result.get("ci95", {}).items()})
+        chance.update({f"zeroshot/{data.name}/{k}": v for k, v in result["chance"].items()})
     retrieval = None
     if shards:
         retrieval = evaluate_retrieval(
-            encoder, open_retrieval(shards), max_samples=args.max_samples, chunk_size=args.chunk_size
+            encoder,
+            open_retrieval(shards),
+            max_samples=args.max_samples,
+            chunk_size=args.chunk_size,
+            bootstrap=args.bootstrap,
         )
         flat.update(flat_retrieval_metrics(retrieval["full"]))
+        intervals.update({f"retrieval/{k}": v for k, v in retrieval["full"].get("ci95", {}).items()})
+        chance.update({f"retrieval/{k}": v for k, v in retrieval["full"]["chance"].items()})
     samples_per_s = merge_into_summary(args.summary, flat) if args.summary else None
     results = {"command": "all", "model": model_name, "metrics": flat, "zeroshot": zeroshot, "retrieval": retrieval}
     write_json(Path(args.output) / "results.json", results)
-    write_csv(Path(args.output) / "results.csv", long_rows(flat))
-    print(markdown_table(all_table_rows(zeroshot, retrieval, samples_per_s), ["metric", "value"]))
+    write_csv(Path(args.output) / "results.csv", long_rows(flat, intervals, chance))
+    print(markdown_table(all_table_rows(zeroshot, retrieval, samples_per_s), ["metric", *FIGURE_COLUMNS]))
+    print_per_class_tables(zeroshot)
+    print(legend(args.bootstrap))
     return 0
 
 
@@ -214,16 +301,13 @@ def merge_into_summary(path: str, metrics: dict[str, float]) -> float | None:
 def all_table_rows(zeroshot: dict, retrieval: dict | None, samples_per_s: float | None) -> list[dict]:
     rows = []
     for task, result in zeroshot.items():
-        main_metric = ("mAP", "mAP") if result.get("multilabel") else ("top1", "top-1")
-        rows.append({"metric": f"zero-shot {task} {main_metric[1]}", "value": result[main_metric[0]]})
-        if "balanced_acc" in result:
-            rows.append({"metric": f"zero-shot {task} balanced acc", "value": result["balanced_acc"]})
+        for key in ("mAP", "auroc") if result.get("multilabel") else ("top1", "balanced_acc"):
+            rows.append({"metric": f"zero-shot {task} {ZEROSHOT_METRICS[key]}", **figure(result, key)})
     if retrieval:
         for direction in ("i2t", "t2i"):
             for k in (1, 5, 10):
-                rows.append(
-                    {"metric": f"retrieval {direction} R@{k}", "value": retrieval["full"][f"{direction}_R@{k}"]}
-                )
+                key = f"{direction}_R@{k}"
+                rows.append({"metric": f"retrieval {direction} R@{k}", **figure(retrieval["full"], key)})
     if samples_per_s is not None:
         rows.append({"metric": "training samples/s", "value": float(samples_per_s)})
     return rows
@@ -258,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--prompts", help="prompt file (JSON/YAML) or shipped set name (configs/prompts/)")
     zs.add_argument("--label-prefix", help="project shards: .json label prefix naming the class (modality:)")
     zs.add_argument("--split", default="test", help="CLIP_benchmark split folder (default: %(default)s)")
+    add_bootstrap_argument(zs)
     zs.set_defaults(run=run_zeroshot)
 
     rt = commands.add_parser("retrieval", parents=[common], help="image-text retrieval")
@@ -267,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--subset", type=int, help="also evaluate a deterministic subset of this many pairs (ROCO: 2000)")
     rt.add_argument("--subset-seed", type=int, default=42)
     rt.add_argument("--min-words", type=int, default=3, help="subset: captions of at least this many words")
+    add_bootstrap_argument(rt)
     rt.set_defaults(run=run_retrieval)
 
     lp = commands.add_parser("linear-probe", parents=[common], help="logistic regression on frozen features")
@@ -286,8 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--retrieval-shards", help="shard pattern, without --demo-data")
     al.add_argument("--chunk-size", type=int)
     al.add_argument("--summary", help="training summary JSON: read steady_samples_per_s, write metrics under 'eval'")
+    add_bootstrap_argument(al)
     al.set_defaults(run=run_all)
     return parser
+
+
+def add_bootstrap_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=BOOTSTRAP_RESAMPLES,
+        metavar="N",
+        help=f"resamples of the 95%% percentile bootstrap intervals, computed for test sets of up to "
+        f"{BOOTSTRAP_MAX_N} samples (0: none; default: %(default)s)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

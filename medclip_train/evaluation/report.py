@@ -46,9 +46,31 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-def long_rows(metrics: dict[str, float], **fixed) -> list[dict]:
-    """``{"top1": 0.5}`` -> ``[{**fixed, "metric": "top1", "value": 0.5}]`` for the results CSV."""
-    return [{**fixed, "metric": k, "value": v} for k, v in metrics.items()]
+def long_rows(
+    metrics: dict[str, float], intervals: dict | None = None, chance: dict | None = None, **fixed
+) -> list[dict]:
+    """``{"top1": 0.5}`` -> ``[{**fixed, "metric": "top1", "value": 0.5}]`` for the results CSV.
+
+    With ``intervals`` (``{"top1": [low, high]}``) and ``chance`` (``{"top1": 0.25}``), every row also gets
+    ``ci_low``, ``ci_high`` and ``chance`` (empty where a metric has none). Nested values (tables) are left out.
+    """
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, (dict, list)):
+            continue
+        row = {**fixed, "metric": key, "value": value}
+        if intervals is not None or chance is not None:
+            low, high = (intervals or {}).get(key) or (None, None)
+            row.update(ci_low=low, ci_high=high, chance=(chance or {}).get(key))
+        rows.append(row)
+    return rows
+
+
+def format_interval(interval) -> str:
+    """``[low, high]`` as ``[0.1234, 0.5678]``; ``-`` when there is none."""
+    if not interval or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in interval):
+        return "-"
+    return f"[{format_value(float(interval[0]))}, {format_value(float(interval[1]))}]"
 
 
 def save_confusion_matrix(path: str | Path, matrix, classnames: list[str], title: str = "") -> Path:

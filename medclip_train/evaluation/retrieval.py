@@ -23,6 +23,14 @@ import hashlib
 import numpy as np
 import torch
 
+from medclip_train.evaluation.metrics import (
+    BOOTSTRAP_MAX_N,
+    BOOTSTRAP_SEED,
+    bootstrap_settings,
+    bootstrap_weights,
+    percentile_interval,
+)
+
 DEFAULT_KS = (1, 5, 10)
 SCORE_BUDGET = 1 << 25
 """Score elements per chunk when no chunk size is given: 32 M floats, 128 MiB."""
@@ -121,7 +129,9 @@ def retrieval_metrics(
     text_to_image: torch.Tensor | None = None,
     chunk_size: int | None = None,
     ks=DEFAULT_KS,
-) -> dict[str, float]:
+    bootstrap: int = 0,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict:
     """Image-to-text (``i2t_``) and text-to-image (``t2i_``) R@K, mean and median rank.
 
     Args:
@@ -129,6 +139,12 @@ def retrieval_metrics(
         text_features: (T, D) normalised text features.
         text_to_image: (T,) image index of each text; default ``arange(N)`` (one caption per image).
         chunk_size: queries per chunk (see :func:`retrieval_ranks`).
+        bootstrap: resamples of the queries for 95% intervals of R@K (0: none; none above ``BOOTSTRAP_MAX_N``
+            images). The candidates stay fixed: the interval is that of the queries' sampling.
+
+    Returns:
+        The metrics, ``num_images``, ``num_texts``, ``chance`` (:func:`retrieval_chance`) and, with ``bootstrap``,
+        ``ci95`` (``[low, high]`` per R@K) and ``bootstrap`` (its settings).
     """
     if text_to_image is None:
         text_to_image = torch.arange(len(image_features))
@@ -139,7 +155,37 @@ def retrieval_metrics(
     t2i = retrieval_ranks(text_features, image_features, text_to_image.view(-1, 1), chunk_size)
     metrics = {**rank_metrics(i2t, ks, "i2t_"), **rank_metrics(t2i, ks, "t2i_")}
     metrics.update(num_images=len(image_features), num_texts=len(text_features))
+    metrics["chance"] = retrieval_chance(torch.bincount(text_to_image, minlength=len(image_features)).numpy(), ks)
+    if bootstrap and 0 < len(image_features) <= BOOTSTRAP_MAX_N:
+        metrics["ci95"] = {}
+        for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
+            weights = bootstrap_weights(len(ranks), bootstrap, seed)
+            for k in ks:
+                hits = (ranks.numpy() < k).astype(np.float64)
+                metrics["ci95"][f"{direction}_R@{k}"] = percentile_interval(weights @ hits / len(ranks))
+        metrics["bootstrap"] = bootstrap_settings(bootstrap, seed)
     return metrics
+
+
+def retrieval_chance(captions_per_image: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
+    """R@K and mean rank of a random ranking (what a model that ignores its input scores).
+
+    Text to image, one positive among N images: R@K = min(K, N) / N, mean rank (N + 1) / 2. Image to text, an
+    image with m of the T captions: R@K = 1 - C(T - m, K) / C(T, K) (some caption among the first K), mean rank of
+    its best caption (T + 1) / (m + 1); averaged over the images. With one caption per image both are K / N.
+    """
+    m = np.asarray(captions_per_image, dtype=np.int64)
+    num_images, num_texts = len(m), int(m.sum())
+    chance = {}
+    for k in ks:
+        # C(T - m, K) / C(T, K) = prod_{j<K} (T - m - j) / (T - j), zero once a factor is (K > T - m).
+        j = np.arange(min(k, num_texts))
+        miss = np.prod(np.clip(num_texts - m[:, None] - j, 0, None) / (num_texts - j), axis=1)
+        chance[f"i2t_R@{k}"] = float(np.mean(1 - miss))
+        chance[f"t2i_R@{k}"] = min(k, num_images) / num_images
+    chance["i2t_mean_rank"] = float(np.mean((num_texts + 1) / (m + 1)))
+    chance["t2i_mean_rank"] = (num_images + 1) / 2
+    return chance
 
 
 def roco_subset(
@@ -164,6 +210,7 @@ def evaluate_retrieval(
     subset: int | None = None,
     subset_seed: int = 42,
     min_words: int = 3,
+    bootstrap: int = 0,
 ) -> dict:
     """Encode the image-caption pairs of ``source`` and compute retrieval metrics.
 
@@ -172,6 +219,7 @@ def evaluate_retrieval(
         source: a shard source whose metas carry ``captions`` (see ``datasets.open_retrieval``).
         max_samples: encode only the first images (training's quick evaluation).
         subset: also report the ROCO-protocol subset of this many pairs (see :func:`roco_subset`).
+        bootstrap: resamples for 95% intervals (see :func:`retrieval_metrics`).
 
     Returns:
         ``{"full": metrics, "subset": metrics | None, "subset_keys": [...], "skipped": images without caption}``.
@@ -186,7 +234,8 @@ def evaluate_retrieval(
     texts = [c for caps in captions for c in caps]
     text_to_image = torch.repeat_interleave(torch.arange(len(captions)), torch.tensor([len(c) for c in captions]))
     text_features = encoder.texts(texts, desc="retrieval texts")
-    result = {"full": retrieval_metrics(image_features, text_features, text_to_image, chunk_size), "subset": None}
+    full = retrieval_metrics(image_features, text_features, text_to_image, chunk_size, bootstrap=bootstrap)
+    result = {"full": full, "subset": None}
     result["skipped"] = len(encoded.keys) - len(keep)
     if subset:
         # An image is eligible when its first caption is long enough; of its captions, the long enough ones count.
@@ -197,7 +246,9 @@ def evaluate_retrieval(
         ]
         remap = {image: row for row, image in enumerate(chosen)}
         sub_t2i = torch.tensor([remap[int(text_to_image[t])] for t in text_ids], dtype=torch.int64)
-        result["subset"] = retrieval_metrics(image_features[chosen], text_features[text_ids], sub_t2i, chunk_size)
+        result["subset"] = retrieval_metrics(
+            image_features[chosen], text_features[text_ids], sub_t2i, chunk_size, bootstrap=bootstrap
+        )
         result["subset"].update(size=subset, seed=subset_seed, min_words=min_words)
         result["subset_keys"] = [keys[i] for i in chosen]
     return result

@@ -52,14 +52,18 @@ def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> 
 
 
 def evaluate_zeroshot(
-    encoder: Encoder, data: ClassificationData, max_samples: int | None = None, with_outputs: bool = False
+    encoder: Encoder,
+    data: ClassificationData,
+    max_samples: int | None = None,
+    with_outputs: bool = False,
+    bootstrap: int = 0,
 ) -> dict:
     """Encode the images of ``data`` and score them against its prompts.
 
     Returns:
         The metrics of :func:`classification_metrics` (or :func:`multilabel_metrics`), plus ``task``,
         ``multilabel``, ``skipped`` (samples without a class) and ``prompts`` (the prompt set used). With
-        ``with_outputs``, also ``logits`` and ``targets`` tensors.
+        ``with_outputs``, also ``logits`` and ``targets`` tensors. ``bootstrap``: resamples of 95% intervals.
     """
     encoded = encoder.images(data.source, max_samples=max_samples, desc=f"zero-shot {data.name}")
     labelled = data.targets(encoded.metas)
@@ -69,9 +73,9 @@ def evaluate_zeroshot(
     classifier = zero_shot_classifier(encoder.model, encoder.tokenizer, prompts, encoder.device)
     logits = zero_shot_logits(encoded.features[torch.as_tensor(labelled.indices)], classifier.cpu())
     if labelled.multilabel:
-        result = multilabel_metrics(logits, labelled.targets, prompts.classnames)
+        result = multilabel_metrics(logits, labelled.targets, prompts.classnames, bootstrap=bootstrap)
     else:
-        result = classification_metrics(logits, labelled.targets, prompts.classnames)
+        result = classification_metrics(logits, labelled.targets, prompts.classnames, bootstrap=bootstrap)
     result.update(task=data.name, multilabel=labelled.multilabel, skipped=labelled.skipped, prompts=prompts.to_dict())
     if with_outputs:
         result.update(logits=logits, targets=torch.as_tensor(labelled.targets))

@@ -156,3 +156,84 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given(image_folder, tmp_pat
     args = ["zeroshot", "--model", "m.ckpt", "--data", str(image_folder), "--output", str(tmp_path / "o")]
     assert run(args) == 0 and run([*args, "--trust-remote-code"]) == 0
     assert tiny_loader == [("m.ckpt", False), ("m.ckpt", True)]
+
+
+def markdown_rows(text: str, header_start: str) -> list[dict]:
+    """The rows of the printed markdown table whose header starts with ``header_start``, as dicts of cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    columns = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def assert_interval_holds(row: dict) -> None:
+    low, high = (float(v) for v in row["95% CI"].strip("[]").split(","))
+    assert low <= float(row["value"]) <= high, row
+
+
+def test_zeroshot_table_shows_chance_interval_and_per_class_rows(image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(["zeroshot", "--model", "m", "--data", str(image_folder), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = {row["metric"]: row for row in markdown_rows(printed, "| task | n |")}
+    # 12 images, 4 of each of 3 classes: majority share 4/12, balanced accuracy 1/3, AUROC 0.5
+    assert {m: rows[m]["chance"] for m in ("top-1", "balanced acc", "AUROC")} == {
+        "top-1": "0.3333",
+        "balanced acc": "0.3333",
+        "AUROC": "0.5000",
+    }
+    for row in rows.values():
+        assert_interval_holds(row)
+    per_class = markdown_rows(printed, "| task | class |")
+    assert [(r["class"], r["support"], r["prevalence"]) for r in per_class] == [
+        (c, "4", "0.3333") for c in ("blue", "green", "red")
+    ]
+    assert {"precision", "recall"} <= set(per_class[0])
+    csv_lines = (out / "zeroshot.csv").read_text().splitlines()
+    assert csv_lines[0] == "task,metric,value,ci_low,ci_high,chance"
+    assert any(line.startswith("colours,top1,") and line.endswith(",0.3333333333333333") for line in csv_lines)
+    tasks = json.loads((out / "zeroshot.json").read_text())["tasks"]["colours"]
+    assert tasks["bootstrap"]["resamples"] == 1000 and len(tasks["ci95"]["top1"]) == 2
+
+    assert run(["zeroshot", "--model", "m", "--data", str(image_folder), "--output", str(out), "--bootstrap", "0"]) == 0
+    assert {row["95% CI"] for row in markdown_rows(capsys.readouterr().out, "| task | n |")} == {"-"}
+
+
+def test_retrieval_table_shows_k_over_n_as_chance(tmp_path, capsys):
+    shards = write_project_shards(tmp_path / "shards", n=12)
+    args = ["retrieval", "--model", "m", "--data", shards, "--output", str(tmp_path / "out"), "--subset", "4"]
+    assert run([*args, "--min-words", "4"]) == 0
+    rows = markdown_rows(capsys.readouterr().out, "| split |")
+    chance = {(r["split"], r["direction"], r["metric"]): r["chance"] for r in rows}
+    for direction in ("i2t", "t2i"):
+        # one caption per image: k / N, and (N + 1) / 2 for the mean rank
+        assert chance[("full", direction, "R@1")] == "0.0833" and chance[("full", direction, "R@5")] == "0.4167"
+        assert chance[("full", direction, "R@10")] == "0.8333" and chance[("full", direction, "mean rank")] == "6.5000"
+        assert chance[("subset4", direction, "R@1")] == "0.2500" and chance[("subset4", direction, "R@5")] == "1.0000"
+    for row in rows:
+        if row["metric"].startswith("R@"):
+            assert_interval_holds(row)
+
+
+def test_all_table_shows_chance_and_intervals(tmp_path, capsys):
+    demo = tmp_path / "demo"
+    prompts = {"classnames": {"brain": "an MRI of the brain", "lymph": "lymph node tissue"}, "templates": ["{c}"]}
+    write_image_folder(demo / "zeroshot" / "organs", ["brain", "lymph"], per_class=3, prompts=prompts)
+    write_project_shards(demo, n=8)
+    assert run(["all", "--model", "m", "--demo-data", str(demo), "--output", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    rows = {row["metric"]: row for row in markdown_rows(printed, "| metric | value | 95% CI | chance |")}
+    assert rows["zero-shot organs top-1"]["chance"] == "0.5000" == rows["zero-shot organs balanced acc"]["chance"]
+    assert rows["retrieval t2i R@1"]["chance"] == "0.1250" and rows["retrieval i2t R@5"]["chance"] == "0.6250"
+    for row in rows.values():
+        assert_interval_holds(row)
+    assert [r["class"] for r in markdown_rows(printed, "| task | class |")] == [
+        "an MRI of the brain",
+        "lymph node tissue",
+    ]
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("metric,value,ci_low,ci_high,chance")

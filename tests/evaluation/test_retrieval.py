@@ -152,3 +152,47 @@ def test_count_true_equals_sum(width):
     assert torch.equal(count_true(mask), mask.sum(dim=1))
     assert torch.equal(count_true(mask[2:5]), mask[2:5].sum(dim=1))  # a row slice, as for the tied rows
     assert torch.equal(count_true(torch.ones(3, width, dtype=torch.bool)), torch.full((3,), width))
+
+
+# ------------------------------------------------------------------------------------------ chance and bootstrap
+
+
+def test_chance_levels_by_hand():
+    from medclip_train.evaluation.retrieval import retrieval_chance
+
+    # one caption per image: R@K = K / N
+    chance = retrieval_chance(np.ones(10, dtype=int))
+    assert [chance[f"i2t_R@{k}"] for k in (1, 5, 10)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [chance[f"t2i_R@{k}"] for k in (1, 5, 10)] == pytest.approx([0.1, 0.5, 1.0])
+    assert chance["i2t_mean_rank"] == chance["t2i_mean_rank"] == pytest.approx(5.5)
+    # 4 images with 1, 2, 1, 1 of T = 5 captions. i2t R@1: an image's best caption is first with chance m / T:
+    # (1 + 2 + 1 + 1) / 5 / 4 = 0.25. R@2: 1 - C(5-m, 2) / C(5, 2) = 1 - 6/10 (m=1), 1 - 3/10 (m=2) -> 0.475.
+    # Mean rank of the best of m among T: (T + 1) / (m + 1) = 3, 2, 3, 3. t2i: 1/4, 2/4, mean rank 2.5.
+    chance = retrieval_chance(np.array([1, 2, 1, 1]), ks=(1, 2, 5))
+    assert chance["i2t_R@1"] == pytest.approx(0.25) and chance["i2t_R@2"] == pytest.approx(0.475)
+    assert chance["i2t_R@5"] == 1.0 and chance["i2t_mean_rank"] == pytest.approx(2.75)
+    assert chance["t2i_R@1"] == pytest.approx(0.25) and chance["t2i_R@2"] == pytest.approx(0.5)
+    assert chance["t2i_R@5"] == 1.0 and chance["t2i_mean_rank"] == pytest.approx(2.5)
+
+
+def test_random_features_score_the_chance_level():
+    images, texts = random_features(2000, seed=11), random_features(2000, seed=12)
+    m = retrieval_metrics(images, texts)
+    for key in ("i2t_R@10", "t2i_R@10"):
+        assert m[key] == pytest.approx(m["chance"][key], abs=0.01)  # 0.005 expected, binomial sd 0.0016
+    assert m["t2i_mean_rank"] == pytest.approx(m["chance"]["t2i_mean_rank"], rel=0.05)
+
+
+def test_bootstrap_interval_holds_the_estimate_and_shrinks_as_n_grows():
+    widths = []
+    for n in (100, 1600):
+        images = random_features(n, seed=n)
+        texts = F.normalize(images + 3.0 * random_features(n, seed=n + 1), dim=-1)  # R@k between 0.04 and 0.75
+        m = retrieval_metrics(images, texts, bootstrap=1000)
+        for key, (low, high) in m["ci95"].items():
+            assert low <= m[key] <= high, (n, key)
+        widths.append({key: high - low for key, (low, high) in m["ci95"].items()})
+        assert m["bootstrap"]["resamples"] == 1000
+    for key in widths[0]:
+        assert widths[0][key] > widths[1][key], key
+    assert "ci95" not in retrieval_metrics(images, texts)
