@@ -116,7 +116,7 @@ def export_checkpoint(
         marker = {
             "format": EXPORT_FORMAT,
             "version": 1,
-            "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint": Path(checkpoint).name,  # not its absolute path: the folder may be pushed to the Hub
             "hub_id": hub_id,
             "text_model_name": text_cfg["hf_model_name"],
             "files": files,

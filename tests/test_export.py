@@ -241,6 +241,9 @@ def test_export_with_a_hub_id_loads_anywhere_with_open_clip(trained_ckpt, tmp_pa
     folder = export_checkpoint(str(trained_ckpt), str(tmp_path / "old" / "export"), hub_id=hub_id)
     text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
     assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == hub_id
+    for path in folder.iterdir():  # what gets uploaded names no local path (the checkpoint's is in tmp_path too)
+        if path.suffix in (".json", ".txt"):
+            assert str(tmp_path) not in path.read_text() and str(trained_ckpt.parent) not in path.read_text(), path
     # The pushed repo as huggingface_hub's cache holds it after a download (upload_folder sends the folder as is);
     # offline, so that only the cache can answer.
     repo = tmp_path / "hub_cache" / "models--medclip-tests--tiny-export"
