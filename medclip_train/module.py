@@ -88,6 +88,7 @@ class CLIPModule(L.LightningModule):
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("consecutive_skips", torch.zeros((), dtype=torch.long), persistent=False)
         # Built once and moved with the module: no host-to-device copy of the constants in every step.
         for name in ("mean", "std"):
             value = torch.tensor(self.preprocess_cfg[name], dtype=torch.float32)
@@ -206,19 +207,42 @@ class CLIPModule(L.LightningModule):
         max_norm = self.grad_clip_norm if self.grad_clip_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         self._last_grad_norm = grad_norm.detach()
-        if torch.isfinite(grad_norm):  # one host sync per step: the price of a real skip
+        if optimizer.defaults.get("fused"):
+            self._skip_on_device(optimizer, ~torch.isfinite(grad_norm))
+            return
+        if torch.isfinite(grad_norm):  # a host sync (other AdamW kernels cannot skip on the device)
             self._consecutive_skips = 0
             return
         for p in params:  # AdamW skips parameters without grad: state and weights stay untouched
             p.grad = None
         self.skipped_steps += 1
         self._consecutive_skips += 1
+        self._check_consecutive_skips()
+
+    def _check_consecutive_skips(self) -> None:
         if self._consecutive_skips >= self.max_consecutive_skips:
             raise NonFiniteLossError(
                 f"{self._consecutive_skips} consecutive steps had a non-finite loss or gradient (step "
                 f"{self.global_step}). Try: trainer.precision=bf16-mixed instead of 16-mixed, a lower "
                 "model.optim.lr or longer warmup_steps, model.grad_clip_norm=1.0, and check the data for bad samples."
             )
+
+    def _skip_on_device(self, optimizer, nonfinite: torch.Tensor) -> None:
+        """A non-finite step skipped without a host sync: the fused AdamW kernel leaves weights, moments and step
+        count untouched when ``found_inf`` is 1 (the mechanism GradScaler uses). The counters stay on the device
+        and the run-stopping check reads them only on logging steps."""
+        optimizer.found_inf = nonfinite.float()
+        self.skipped_steps += nonfinite
+        self.consecutive_skips.add_(nonfinite).mul_(nonfinite)
+        if self._host_step():
+            self._consecutive_skips = int(self.consecutive_skips)
+            self._check_consecutive_skips()
+
+    def _host_step(self) -> bool:
+        """Whether this step logs (Lightning's ``log_every_n_steps``): host values are read and logged only then."""
+        if self._trainer is None:
+            return True
+        return self.trainer._logger_connector.should_update_logs
 
     def _log_step(self, batch: dict, loss: torch.Tensor, parts: dict, lr: float) -> None:
         n = batch["image"].shape[0] * self.trainer.world_size
@@ -233,7 +257,8 @@ class CLIPModule(L.LightningModule):
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value)
         self.log("train/logit_scale", self.model.logit_scale.detach().exp())
-        self.log("train/lr", lr)
+        if self._host_step():  # a Python float becomes a host-to-device copy in self.log
+            self.log("train/lr", lr)
         self.log("train/skipped_samples", self.skipped_samples.float())
         self.log("train/skipped_steps", self.skipped_steps.float())
         if hasattr(self, "_last_grad_norm"):

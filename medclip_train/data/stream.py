@@ -278,7 +278,8 @@ class _SampleReader:
         if self.s.trim_padding:
             # Trailing pads are masked out in the text tower, so cutting them is exact and saves compute.
             lengths = (text != self.s.pad_token_id).sum(dim=1)
-            text = text[:, : max(int(lengths.max()), 1)]
+            # contiguous: a strided view would be copied through a temporary when pinned for the device.
+            text = text[:, : max(int(lengths.max()), 1)].contiguous()
         batch = {
             "image": images,
             "text": text,

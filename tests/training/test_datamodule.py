@@ -177,3 +177,12 @@ def test_labels_vocabulary_from_manifest(tmp_path, tokenizer):
     batch = next(iter(dm.train_dataloader()))
     assert batch["labels"].shape == (4, 3)
     assert torch.all(batch["labels"].sum(dim=1) >= 1)
+
+
+def test_trimmed_text_batches_are_contiguous(tmp_path, tokenizer):
+    """Trailing pads are cut from the token ids; the result must be a dense tensor, not a strided view, or pinning
+    it for the device copies it through a temporary first."""
+    dm = make_dm(tokenizer, shard_pattern(make_shards(tmp_path, [8])))
+    batches = list(dm.train_dataloader())
+    assert any(b["text"].shape[1] < tokenizer.context_length for b in batches), "no batch was trimmed"
+    assert all(b["text"].is_contiguous() for b in batches)

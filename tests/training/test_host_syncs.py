@@ -1,0 +1,62 @@
+"""Host reads of device values in the training step: each is a device sync on CUDA (the host waits for every
+queued kernel), so the step must not make any outside logging steps. On CPU there is no sync to time, but the
+mechanism is visible: a ``TorchFunctionMode`` sees every ``item()``/``bool()``/``float()`` of a tensor."""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import torch
+from torch.overrides import TorchFunctionMode
+
+from medclip_train.config import ModelConfig
+from medclip_train.data.datamodule import WebDataModule
+from medclip_train.module import CLIPModule
+from tests.shardkit import make_shards, shard_pattern
+from tests.training.conftest import bare_trainer
+
+HOST_READS = {"item", "__bool__", "__float__", "__int__", "tolist", "numpy", "__index__"}
+
+
+class CountHostReads(TorchFunctionMode):
+    """Host reads, by the file that made them. transformers' BERT makes one per text forward (``padding_mask.all()``
+    in masking_utils, to pick a mask-free attention kernel): not ours to change, so counted apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            caller = sys._getframe(1).f_code.co_filename
+            if "/transformers/" not in caller:
+                self.reads.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+class ReadsPerStep(L.Callback):
+    """Counts host reads from the start to the end of each training batch (step, backward, optimizer, logging)."""
+
+    def __init__(self):
+        self.per_step: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.mode = CountHostReads()
+        self.mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.mode.__exit__(None, None, None)
+        self.per_step[trainer.global_step] = self.mode.reads
+
+
+def test_a_training_step_reads_no_device_value_outside_logging_steps(tmp_path, tiny_tokenizer_dir):
+    module = CLIPModule(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
+    dm = WebDataModule(train=shard_pattern(make_shards(tmp_path, [16], image_size=64)), batch_size=4, num_workers=0)
+    counter = ReadsPerStep()
+    trainer = bare_trainer(max_steps=8, log_every_n_steps=4, callbacks=[counter], precision="bf16-mixed")
+    trainer.fit(module, datamodule=dm)
+    assert module.optimizers().optimizer.defaults["fused"], "the device-side skip needs fused AdamW"
+    quiet = {step: reads for step, reads in counter.per_step.items() if step % 4 != 0}
+    assert quiet and all(reads == [] for reads in quiet.values()), quiet
