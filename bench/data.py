@@ -109,6 +109,7 @@ def measure_ours(shards: str, tokenizer: str, workers: int, batches: int, warmup
 
 
 def _time_batches(batches_iter, batches: int, warmup: int) -> dict:
+    start = time.perf_counter()  # the iterator is lazy: workers start and fill their buffers from here
     times, n = [], 0
     for i, (images, _) in enumerate(batches_iter):
         times.append(time.perf_counter())
@@ -116,7 +117,11 @@ def _time_batches(batches_iter, batches: int, warmup: int) -> dict:
             n += images.shape[0]
         if len(times) > warmup + batches:
             break
-    return {"samples_per_s": n / (times[-1] - times[warmup]), "batches": len(times) - warmup - 1}
+    return {
+        "samples_per_s": n / (times[-1] - times[warmup]),
+        "batches": len(times) - warmup - 1,
+        "first_batch_s": times[0] - start,
+    }
 
 
 def child_main(argv: list[str]) -> None:
@@ -148,6 +153,7 @@ HEADERS = [
     "mean samples/s",
     "vs open_clip",
     "fraction of raw limit",
+    "first batch (s)",
     "other load (cores)",
 ]
 
@@ -200,6 +206,7 @@ def table_rows(results: dict[str, list], workers: list[int]) -> tuple[list[list]
                     value,
                     f"{value / rate['theirs']:.2f}x" if "theirs" in rate else "",
                     f"{value / rate['raw']:.2f}",
+                    " / ".join(f"{r['first_batch_s']:.2f}" for r in runs if "first_batch_s" in r),
                     " / ".join(f"{r['foreign_cores']:.2f}" for r in runs),
                 ]
             )

@@ -54,6 +54,8 @@ class StreamSpec:
     samples_per_epoch: int | None = None
     shuffle: bool = True
     shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    """Samples in the shuffle buffer before the first is yielded (it then grows to ``shuffle_buffer``)."""
     seed: int = 0
     vocab: LabelVocab | None = None
     random_caption: bool = True
@@ -185,14 +187,24 @@ class _SampleReader:
         return self._shuffle(forever())
 
     def _shuffle(self, it: Iterator) -> Iterator:
+        """A seeded shuffle buffer that starts yielding once ``shuffle_initial`` samples are in and then grows to
+        ``shuffle_buffer`` by reading two samples per sample it yields (webdataset's ``shuffle(bufsize, initial)``).
+        Filling the whole buffer first stalled every epoch start: each worker read ``shuffle_buffer`` raw samples
+        (5000 in the pretraining config, 64 workers a node) before its first batch. Every sample is still yielded
+        exactly once, and the order depends on the seed only, so a resume replays it."""
         size = self.s.shuffle_buffer if self.s.shuffle else 0
         if size <= 1:
             yield from it
             return
+        initial = max(1, min(self.s.shuffle_initial, size))
         buf = []
         for item in it:
             buf.append(item)
-            if len(buf) >= size:
+            if len(buf) < size:
+                extra = next(it, _END)
+                if extra is not _END:
+                    buf.append(extra)
+            if len(buf) >= initial:
                 j = self.rng.randrange(len(buf))
                 buf[j], buf[-1] = buf[-1], buf[j]
                 yield buf.pop()

@@ -186,3 +186,36 @@ def test_trimmed_text_batches_are_contiguous(tmp_path, tokenizer):
     batches = list(dm.train_dataloader())
     assert any(b["text"].shape[1] < tokenizer.context_length for b in batches), "no batch was trimmed"
     assert all(b["text"].is_contiguous() for b in batches)
+
+
+def test_the_shuffle_buffer_yields_before_it_is_full_and_keeps_every_sample(tokenizer):
+    """An epoch starts after ``shuffle_initial`` raw samples, not after a full buffer (5000 per worker in the
+    pretraining config); the output is still a permutation of the input, fixed by the seed."""
+    from medclip_train.data.stream import StreamSpec, _SampleReader
+
+    spec = StreamSpec(
+        urls=[],
+        sizes=None,
+        source_of_shard=[],
+        source_weights=[],
+        batch_size=4,
+        transform=None,
+        tokenizer=tokenizer,
+        image_size=32,
+        shuffle_buffer=1000,
+        shuffle_initial=50,
+    )
+    pulled = []
+
+    def source():
+        for i in range(3000):
+            pulled.append(i)
+            yield i
+
+    out = _SampleReader(spec, worker_id=0)._shuffle(source())
+    first = next(out)
+    assert len(pulled) <= 51, f"{len(pulled)} samples read before the first was yielded"
+    rest = [first, *out]
+    assert sorted(rest) == list(range(3000))
+    again = list(_SampleReader(spec, worker_id=0)._shuffle(iter(range(3000))))
+    assert again == rest and rest != list(range(3000))
