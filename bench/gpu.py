@@ -34,18 +34,27 @@ PRESET = "biomedclip_vit_b16_pubmedbert256"
 TEXT_MODEL = "builtin:pubmedbert-base"  # PubMedBERT's architecture, no weights: the machine may be offline
 
 
+def visible_gpu_id() -> str:
+    """nvidia-smi's id of the GPU torch calls cuda:0. nvidia-smi ignores CUDA_VISIBLE_DEVICES, so ``--id=0`` read
+    the machine's first GPU, not the one the runs use; the UUID names the same device in both."""
+    import torch
+
+    uuid = str(getattr(torch.cuda.get_device_properties(0), "uuid", "") or "")
+    return (uuid if uuid.startswith("GPU-") else f"GPU-{uuid}") if uuid else "0"
+
+
 class GpuMemory:
     """Peak memory in use on GPU 0 while the context is open, less the memory in use when it opened (MiB)."""
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float = 0.5, gpu_id: str = "0"):
         self.interval_s = interval_s
+        self.gpu_id = gpu_id
         self.peak = self.base = 0.0
         self._stop = threading.Event()
 
-    @staticmethod
-    def used_mib() -> float:
+    def used_mib(self) -> float:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"],
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", f"--id={self.gpu_id}"],
             capture_output=True,
             text=True,
         )
@@ -145,11 +154,19 @@ def main(argv: list[str]) -> None:
     ]
     theirs_flags = {"--device": a.device, "--batch-size": a.batch_size, "--workers": a.workers}
 
+    gpu_id = "0"
+    if a.device == "cuda":
+        # The runs are child processes: the memory this process cached for the rate and FLOP counts above would
+        # stay reserved on the GPU (and inside nvidia-smi's baseline) through all of them.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        gpu_id = visible_gpu_id()
+
     def measured(run):
         def go(i: int) -> dict:
             if a.device != "cuda":
                 return run(i)
-            with GpuMemory() as mem:
+            with GpuMemory(gpu_id=gpu_id) as mem:
                 r = run(i)
             return {**r, "peak_gpu_mib": mem.peak_mib}
 
