@@ -210,6 +210,9 @@ def main(argv: list[str]) -> None:
             "mfu_bf16": sps * flops[round(text_len)] / (rates["bf16"] * 1e9),
             "hfu_bf16": sps * flops[executed] / (rates["bf16"] * 1e9),
             "peak_gpu_mib": max((r.get("peak_gpu_mib", 0.0) for r in runs[side]), default=0.0),
+            "cuda_syncs_per_step": next(
+                (r["cuda_syncs_per_step"] for r in runs[side] if r.get("cuda_syncs_per_step") is not None), None
+            ),
         }
         s = summary[side]
         rows.append(
@@ -220,11 +223,20 @@ def main(argv: list[str]) -> None:
                 f"{100 * s['mfu_bf16']:.0f}%",
                 f"{100 * s['hfu_bf16']:.0f}%",
                 round(s["peak_gpu_mib"]),
+                "" if s["cuda_syncs_per_step"] is None else s["cuda_syncs_per_step"],
             ]
         )
     if "ours" in summary and "theirs" in summary:
         summary["ratio"] = summary["ours"]["samples_per_s"] / summary["theirs"]["samples_per_s"]
-    headers = ["loop", "samples/s per run", "mean samples/s", "MFU (bf16 mm)", "HFU (bf16 mm)", "peak GPU MiB"]
+    headers = [
+        "loop",
+        "samples/s per run",
+        "mean samples/s",
+        "MFU (bf16 mm)",
+        "HFU (bf16 mm)",
+        "peak GPU MiB",
+        "host syncs/step",
+    ]
     table = markdown_table(headers, rows) + (
         f"\n\nmatmul peak: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
         f"{flops[round(text_len)] / 1e9:.1f} GFLOP/sample at the mean trimmed text length {text_len:.0f}"

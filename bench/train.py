@@ -44,17 +44,46 @@ _OPEN_CLIP_STEP = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([
 
 
 class StepTimes(L.Callback):
-    """Writes the host clock at the end of every training step to ``path`` (JSON) when the fit ends."""
+    """Writes the host clock at the end of every training step to ``path`` (JSON) when the fit ends.
+
+    On CUDA it also counts the host syncs of each step (``torch.cuda.set_sync_debug_mode("warn")`` warns once per
+    synchronising call) into ``cuda_syncs.json`` next to it: a sync stalls the host until the GPU queue drains.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self.times: list[float] = []
+        self.syncs: list[int] = []
+        self._count = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type != "cuda":
+            return
+        import warnings
+
+        import torch
+
+        warnings.filterwarnings("always", message=r".*synchroniz.*")
+        shown = warnings.showwarning
+
+        def count(message, category, *args, **kwargs):
+            if "synchroniz" in str(message):
+                self._count += 1
+                return
+            shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = count
+        torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter())
+        self.syncs.append(self._count)
+        self._count = 0
 
     def on_fit_end(self, trainer, pl_module) -> None:
         Path(self.path).write_text(json.dumps(self.times))
+        if pl_module.device.type == "cuda":
+            Path(self.path).with_name("cuda_syncs.json").write_text(json.dumps(self.syncs))
 
 
 def steady_rate(step_times: list[float], warmup: int, batch_size: int = BATCH_SIZE) -> float | None:
@@ -163,7 +192,10 @@ def run_ours(
     if proc["rc"] != 0 or not times_path.exists():
         raise RuntimeError(f"our training run failed (exit {proc['rc']}); see {run_dir / 'log.txt'}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    syncs_path = run_dir / "cuda_syncs.json"
+    syncs = json.loads(syncs_path.read_text())[warmup:] if syncs_path.exists() else []
     return {
+        "cuda_syncs_per_step": sorted(syncs)[len(syncs) // 2] if syncs else None,
         "samples_per_s": steady_rate(json.loads(times_path.read_text()), warmup, batch_size),
         "summary_steady_samples_per_s": summary.get("steady_samples_per_s"),
         "final_loss": summary.get("final_loss"),
