@@ -219,3 +219,16 @@ def test_the_shuffle_buffer_yields_before_it_is_full_and_keeps_every_sample(toke
     assert sorted(rest) == list(range(3000))
     again = list(_SampleReader(spec, worker_id=0)._shuffle(iter(range(3000))))
     assert again == rest and rest != list(range(3000))
+
+
+def test_resume_on_another_world_size_mid_epoch_is_refused_naming_both(tmp_path, tokenizer):
+    """The position of an exact epoch is counted per rank: on another number of ranks it would skip or repeat
+    samples, so a checkpoint from 2 ranks does not load on 1 in the middle of an epoch (it does at its end)."""
+    dm = make_dm(tokenizer, shard_pattern(make_shards(tmp_path, [8, 8])))
+    dm.on_train_batch_consumed(4)
+    state = dm.state_dict()
+    state["layout"]["world_size"] = 2  # as written by rank 0 of a 2-rank run
+    pattern = shard_pattern(make_shards(tmp_path, [8, 8]))
+    with pytest.raises(ValueError, match=r"world size .*epoch 0 .*=2; this run has 1"):
+        make_dm(tokenizer, pattern).load_state_dict(state)
+    make_dm(tokenizer, pattern).load_state_dict({**state, "batches_in_epoch": 0, "samples_in_epoch": 0})
