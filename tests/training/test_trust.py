@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
 
@@ -206,3 +207,33 @@ def test_a_dataset_of_only_bad_samples_stops_with_the_shard_named(tmp_path, tok,
     assert "DataError" in err and "train-000000.tar" in err, err[-2000:]
     last = tmp_path / "run" / "last.ckpt"
     assert not last.exists() or torch.load(last, weights_only=True)["WebDataModule"]["epoch"] < 2
+
+
+class SendSignal(L.Callback):
+    """Sends ``signum`` to this process after ``at_step`` steps, as SLURM's ``--signal=USR1@120`` does."""
+
+    def __init__(self, at_step: int, signum: int):
+        self.at_step, self.signum = at_step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_slurm_warning_signal_saves_stops_and_requeues_the_job(tmp_path, shards, tok, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    scontrol = bin_dir / "scontrol"  # SLURM's command, standing in for the cluster: it records what it was asked
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    root = tmp_path / "run"
+    usr1 = callback_arg(SendSignal, at_step=3, signum=int(signal.SIGUSR1))
+    with pytest.raises(SystemExit) as stop:
+        run_cli(fit_args(tok, shards([16, 16]), root, "--trainer.max_steps", "8", *B4, "--trainer.callbacks+", usr1))
+    assert stop.value.code == 128 + signal.SIGUSR1
+    assert torch.load(root / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert read_summary(root)["stopped_by"] == "SIGUSR1"
+    assert calls.read_text().split() == ["requeue", "4242"]
