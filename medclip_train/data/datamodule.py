@@ -114,19 +114,21 @@ class WebDataModule(L.LightningDataModule):
 
     # ---- set-up --------------------------------------------------------------------------------------------------
     def _resolve_train(self):
-        urls, source_of_shard = [], []
+        urls, source_of_shard, sizes = [], [], []
         for i, source in enumerate(self.sources):
             source_urls = source.urls()
             check_local_shards_exist(source_urls, f"data.train[{i}].shards")
             urls += source_urls
             source_of_shard += [i] * len(source_urls)
-        sizes = None
-        if urls and (self.epoch_mode == "exact" or all("://" not in u for u in urls)):
-            try:
-                sizes = shard_sizes(urls, "data.train")
-            except FileNotFoundError:
-                if self.epoch_mode == "exact":
-                    raise
+            if sizes is not None:
+                try:  # local, fsspec URL (next to the shards) or the source's own `sizes` file
+                    sizes += shard_sizes(source_urls, f"data.train[{i}]", source.sizes)
+                except FileNotFoundError:
+                    if self.epoch_mode == "exact":
+                        raise
+                    sizes = None  # resampled: shards are then drawn with equal weight inside a source
+        if not urls:
+            sizes = None
         if self.val:
             from webdataset.shardlists import expand_urls
 

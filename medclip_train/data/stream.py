@@ -8,17 +8,25 @@ corrupt shard are skipped and counted. To keep batch shapes equal on every rank 
 features across ranks), a skipped sample's slot is filled with the previous good sample of the same worker,
 so an epoch still has exactly the planned number of batches. Past ``max_skip_fraction`` the run stops with an
 error naming the shard.
+
+Remote shards (any fsspec URL: ``https://``, ``s3://``...) are streamed through fsspec; ``pipe:`` commands and local
+files through webdataset. A transient read error (connection reset, timeout, HTTP 5xx/429) reopens the shard after
+a backoff and skips the samples already yielded from it, so the stream goes on at the sample it reached; a
+permanent one (404, 403, a corrupt tar) loses the rest of the shard, counted and named like a truncated shard.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from medclip_train.data.decode import IMAGE_EXTS, TEXT_EXTS, SampleError, decode_image, decode_meta, decode_text, pick
 from medclip_train.data.labels import LabelVocab, sample_labels
@@ -29,8 +37,10 @@ from medclip_train.data.plan import (
     resampled_worker_batches,
     shard_weights,
 )
+from medclip_train.data.sources import is_fsspec_url, redact
 
 _END = object()
+log = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -65,6 +75,10 @@ class StreamSpec:
     max_leading_bad: int = 50
     """Stop when this many samples were read and none was good, whatever ``min_samples_for_skip_check`` says."""
     pad_token_id: int = 0
+    read_retries: int = 5
+    """Reopen attempts of a shard after a transient read error that made no progress since the last attempt."""
+    retry_backoff_s: float = 1.0
+    """First wait before reopening a shard; doubled on each further attempt (at most 60 s)."""
     # Set by the DataLoader in the main process before workers start (see datamodule.StreamLoader).
     epoch: int = 0
     skip_batches: int = 0
@@ -143,19 +157,75 @@ class _SampleReader:
         self.last_error: dict[str, str] = {}
         self.last_bad = ("", "")
         self.current_url = ""
+        self.retries = 0
+        self.retries_since_batch = 0
 
     # ---- raw samples -------------------------------------------------------------------------------------------
     def _shard_samples(self, url: str) -> Iterator[dict]:
+        """The samples of one shard; after a transient read error the shard is reopened and the samples already
+        yielded are skipped (raw bytes), so the caller sees each sample once, in order."""
         self.current_url = url
+        done = 0  # samples of this shard handed to the caller
+        attempts = 0  # reopenings since the stream last got past `done`
+        while True:
+            failure: list[Exception] = []
+            position, progressed = 0, False
+            passes = self._read_shard(url, failure)
+            for sample in passes:
+                if failure:
+                    # The tar stream broke: this group may be cut short (group_by_keys flushes what it holds).
+                    break
+                if position >= done:
+                    done += 1
+                    progressed = True
+                    yield sample
+                position += 1
+            passes.close()
+            if not failure:
+                return
+            exn = failure[0]
+            attempts = 0 if progressed else attempts
+            if not _transient(exn) or attempts >= self.s.read_retries:
+                # Permanent, or out of attempts: the rest of the shard is lost (counted by the caller).
+                self.last_error[url] = redact(f"{type(exn).__name__}: {exn}")
+                return
+            wait = min(self.s.retry_backoff_s * 2**attempts, 60.0)
+            attempts += 1
+            self.retries += 1
+            self.retries_since_batch += 1
+            log.warning(
+                "shard %s: %s after %d samples; reopening in %.1f s (attempt %d of %d)",
+                redact(url),
+                redact(f"{type(exn).__name__}: {exn}"),
+                done,
+                wait,
+                attempts,
+                self.s.read_retries,
+            )
+            time.sleep(wait)
+
+    def _read_shard(self, url: str, failure: list[Exception]) -> Iterator[dict]:
+        """One pass over a shard's samples; the first read error is put in ``failure`` and ends the pass."""
 
         def handler(exn: Exception) -> bool:
-            self.last_error[url] = f"{type(exn).__name__}: {exn}"
-            return True  # keep going; losses are counted against the shard's expected size
+            failure.append(exn)
+            return False  # stop this pass: _shard_samples decides between reopening and losing the rest
 
-        files = tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler)
-        for sample in group_by_keys(files, handler=handler):
-            if sample:  # webdataset 1.x emits an empty end-of-shard marker
-                yield sample
+        try:
+            stream = _open_shard(url)
+        except Exception as exn:  # noqa: BLE001 - classified by _transient, reported with the shard
+            failure.append(exn)
+            return
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+            for sample in group_by_keys(files, handler=handler):
+                if sample:  # webdataset 1.x emits an empty end-of-shard marker
+                    yield sample
+        finally:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped either way
+                pass
 
     def exact_samples(self, slices) -> Iterator[dict | None]:
         """Samples of the slices in order, through a seeded shuffle buffer; ``None`` marks a lost sample."""
@@ -213,6 +283,7 @@ class _SampleReader:
 
     # ---- decoding and batching ---------------------------------------------------------------------------------
     def _note_error(self, url: str, reason: str) -> None:
+        url, reason = redact(url), redact(reason)
         self.last_bad = (url, reason)
         self.skipped += 1
         self.skipped_since_batch += 1
@@ -297,8 +368,42 @@ class _SampleReader:
             "text": text,
             "key": [it[3] for it in items],
             "skipped": torch.tensor(self.skipped_since_batch),
+            "read_retries": torch.tensor(self.retries_since_batch),
         }
         self.skipped_since_batch = 0
+        self.retries_since_batch = 0
         if items[0][2] is not None:
             batch["labels"] = torch.stack([it[2] for it in items])
         return batch
+
+
+def _open_shard(url: str):
+    """A binary stream of the shard: fsspec for remote URLs (streamed in one request for http, as curl would),
+    webdataset's gopen for local files and ``pipe:`` commands."""
+    if not is_fsspec_url(url):
+        return gopen(url)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    # http(s): block_size=0 is one streaming GET; the default would send a HEAD and then range requests.
+    kwargs = {"block_size": 0} if fs.protocol and set(fs.protocol) & {"http", "https"} else {}
+    return fs.open(path, "rb", **kwargs)
+
+
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def _transient(exn: BaseException) -> bool:
+    """Whether a read error may go away on a retry (network trouble, an overloaded server)."""
+    if isinstance(exn, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(exn, (ConnectionError, TimeoutError)):
+        return True
+    status = getattr(exn, "status", None) or getattr(exn, "status_code", None)
+    if isinstance(status, int):
+        return status in _TRANSIENT_STATUS
+    module = type(exn).__module__ or ""
+    # aiohttp (fsspec http): payload cut short, server disconnected; botocore/urllib3 (s3fs): connection errors.
+    return module.startswith(("aiohttp", "botocore", "urllib3", "requests")) or (
+        exn.__cause__ is not None and _transient(exn.__cause__)
+    )
