@@ -1,4 +1,4 @@
-"""``medclip-eval zeroshot|retrieval|linear-probe|all``: load a model, evaluate, write JSON/CSV, print a table."""
+"""``medclip-eval zeroshot|retrieval|linear-probe|all|suite``: load a model, evaluate, write JSON/CSV, print a table."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from medclip_train.evaluation.report import (
 )
 from medclip_train.evaluation.retrieval import evaluate_retrieval
 from medclip_train.evaluation.suite import flat_retrieval_metrics, flat_zeroshot_metrics
+from medclip_train.evaluation.suite_cli import add_suite_parser
 from medclip_train.evaluation.zeroshot import evaluate_zeroshot
 
 # Every figure of a zero-shot or retrieval table is printed with its 95% bootstrap interval and its chance level:
@@ -374,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--summary", help="training summary JSON: read steady_samples_per_s, write metrics under 'eval'")
     add_bootstrap_argument(al)
     al.set_defaults(run=run_all)
+
+    add_suite_parser(commands)
     return parser
 
 

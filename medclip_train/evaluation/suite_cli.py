@@ -1,0 +1,243 @@
+"""``medclip-eval suite``: several models over a catalog of datasets, one comparison table.
+
+Per model and dataset the images are encoded once (through the feature cache, which later runs reuse), then every
+task of the catalog entry runs on those features: zero-shot (with 95% bootstrap intervals), cross-validated
+logistic-regression / linear-SVM / kNN probes, and the few-shot linear probe. Output under ``--output``:
+``results.csv`` (rows dataset x task x metric, a column per model, the chance level), ``report.md`` (the same as
+a markdown table, plus the skipped datasets) and ``results.json`` (everything, per fold).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from medclip_train.evaluation.catalog import Catalog, CatalogEntry, load_catalog
+from medclip_train.evaluation.feature_probes import cross_validated_probes, few_shot_probes, format_mean_std
+from medclip_train.evaluation.features import Encoder, FeatureCache
+from medclip_train.evaluation.metrics import BOOTSTRAP_MAX_N, BOOTSTRAP_RESAMPLES
+from medclip_train.evaluation.report import format_interval, format_value, markdown_table, write_csv, write_json
+from medclip_train.evaluation.zeroshot import evaluate_zeroshot
+
+ZEROSHOT_METRICS = ("top1", "balanced_acc", "macro_f1", "auroc")
+PROBE_METRICS = ("accuracy", "macro_f1")
+
+
+def model_labels(specs: list[str]) -> list[str]:
+    """Short column names: a checkpoint's file stem, a folder's name, a hub repo's name; repeats get ``#2``."""
+    labels = []
+    for spec in specs:
+        if spec.endswith(".ckpt"):
+            label = Path(spec).stem
+        elif spec.startswith(("local-dir:", "hf-hub:")):
+            label = Path(spec.split(":", 1)[1].rstrip("/")).name
+        else:
+            label = spec
+        labels.append(label if label not in labels else f"{label}#{labels.count(label) + 1}")
+    return labels
+
+
+def run_suite(args) -> int:
+    from medclip_train.evaluation.cli import load_for_eval  # cli imports this module for its parser
+
+    catalog = load_catalog(args.catalog)
+    present = [e for e in catalog.datasets if e.is_present(args.data_root)]
+    skipped = [
+        {"dataset": e.name, "path": str(e.location(args.data_root)), "reason": "not found"}
+        for e in catalog.datasets
+        if e not in present
+    ]
+    opened = {e.name: e.open(args.data_root) for e in present}  # bad data fails before any model is loaded
+    labels = model_labels(args.models)
+    output = Path(args.output)
+    cache = FeatureCache(args.cache_dir or output / "feature_cache")
+    results: dict[str, dict[str, dict]] = {label: {} for label in labels}
+    with tqdm(total=len(labels) * len(present), desc="suite", unit="dataset", disable=args.no_progress) as bar:
+        for spec, label in zip(args.models, labels):
+            loaded = load_for_eval(spec, args.pretrained, args.device, args.trust_remote_code)
+            encoder = Encoder(
+                loaded.model,
+                loaded.tokenizer,
+                loaded.preprocess,
+                device=args.device,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                cache=cache,
+            )
+            for entry in present:
+                bar.set_postfix_str(f"{label} / {entry.name}")
+                results[label][entry.name] = evaluate_dataset(encoder, opened[entry.name], entry, catalog, args)
+                bar.update()
+            del encoder, loaded
+    rows = comparison_rows(results, present, labels)
+    write_csv(output / "results.csv", csv_rows(rows, labels))
+    report = report_markdown(rows, labels, skipped, results, catalog)
+    (output / "report.md").write_text(report + "\n")
+    write_json(
+        output / "results.json",
+        {
+            "command": "suite",
+            "catalog": catalog.path,
+            "data_root": str(args.data_root),
+            "models": dict(zip(labels, args.models)),
+            "settings": vars(catalog.settings),
+            "results": results,
+            "skipped": skipped,
+        },
+    )
+    print(report)
+    return 0
+
+
+def evaluate_dataset(encoder: Encoder, data, entry: CatalogEntry, catalog: Catalog, args) -> dict:
+    """Every task of ``entry`` on features encoded once (the zero-shot call reads them back from the cache)."""
+    settings = catalog.settings
+    encoded = encoder.images(data.source, args.max_samples, desc=entry.name)
+    labelled = data.targets(encoded.metas)
+    out: dict = {"n": int(len(labelled.indices)), "classes": labelled.classes, "modality": entry.modality}
+    if "zeroshot" in entry.tasks:
+        result = evaluate_zeroshot(encoder, data, max_samples=args.max_samples, bootstrap=args.bootstrap)
+        out["zeroshot"] = {k: v for k, v in result.items() if k not in ("prompts",)}
+    needs_probe = {"probe_cv", "few_shot"} & set(entry.tasks)
+    if needs_probe and labelled.multilabel:
+        out["probe_note"] = "multi-label data: the probes need one class per image"
+        return out
+    features = encoded.features[torch.as_tensor(labelled.indices)].numpy()
+    if "probe_cv" in entry.tasks:
+        out["probe_cv"] = cross_validated_probes(
+            features, labelled.targets, len(labelled.classes), settings.folds, settings.knn_k, settings.seed
+        )
+    if "few_shot" in entry.tasks:
+        names = [c.replace("_", " ") for c in labelled.classes]
+        out["few_shot"] = few_shot_probes(
+            features, labelled.targets, names, settings.shots, settings.folds, settings.seed
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- tables
+
+
+def comparison_rows(results: dict[str, dict[str, dict]], present: list[CatalogEntry], labels: list[str]) -> list:
+    """One row per dataset x task x metric: ``cells[label]`` is ``(value, spread)`` per model, and ``chance``."""
+    rows = []
+    for entry in present:
+        per_model = {label: results[label][entry.name] for label in labels}
+        first = per_model[labels[0]]
+        if "zeroshot" in first:
+            for metric in ZEROSHOT_METRICS:
+                cells = {}
+                for label, r in per_model.items():
+                    zs = r["zeroshot"]
+                    interval = (zs.get("ci95") or {}).get(metric)
+                    cells[label] = {"value": zs.get(metric), "ci95": interval}
+                chance = first["zeroshot"]["chance"].get(metric)
+                rows.append(_row(entry.name, "zero-shot", metric, chance, cells))
+        if "probe_cv" in first and "probes" in first["probe_cv"]:
+            cv = first["probe_cv"]
+            for probe in cv["probes"]:
+                task = f"{probe} ({cv['n_folds']}-fold)" + (f" k={cv['knn_k']}" if probe == "knn" else "")
+                for metric in PROBE_METRICS:
+                    cells = {label: r["probe_cv"]["probes"][probe][metric] for label, r in per_model.items()}
+                    rows.append(_row(entry.name, task, metric, cv["chance"][metric], cells))
+        if "few_shot" in first:
+            chance = (first.get("probe_cv") or {}).get("chance") or {}
+            for k, shot in first["few_shot"].items():
+                for metric in PROBE_METRICS:
+                    cells = {label: r["few_shot"][k].get(metric) for label, r in per_model.items()}
+                    rows.append(_row(entry.name, f"few-shot {k}/class", metric, chance.get(metric), cells))
+    return rows
+
+
+def _row(dataset: str, task: str, metric: str, chance, cells: dict) -> dict:
+    return {"dataset": dataset, "task": task, "metric": metric, "chance": chance, "cells": cells}
+
+
+def _cell_text(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    if "mean" in cell:
+        return format_mean_std(cell)
+    interval = format_interval(cell.get("ci95"))
+    return format_value(cell.get("value")) + (f" {interval}" if interval != "-" else "")
+
+
+def csv_rows(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Numbers only: per model its value (the fold mean for probes), and the fold std or the 95% interval."""
+    out = []
+    for row in rows:
+        flat = {k: row[k] for k in ("dataset", "task", "metric", "chance")}
+        for label in labels:
+            cell = row["cells"].get(label) or {}
+            flat[label] = cell.get("mean", cell.get("value"))
+        for label in labels:
+            cell = row["cells"].get(label) or {}
+            low, high = cell.get("ci95") or (None, None)
+            flat.update({f"{label} std": cell.get("std"), f"{label} ci_low": low, f"{label} ci_high": high})
+        out.append(flat)
+    return out
+
+
+def report_markdown(rows: list[dict], labels: list[str], skipped: list[dict], results: dict, catalog) -> str:
+    table_rows = [
+        {"dataset": r["dataset"], "task": r["task"], "metric": r["metric"], "chance": r["chance"]}
+        | {label: _cell_text(r["cells"].get(label)) for label in labels}
+        for r in rows
+    ]
+    settings = catalog.settings
+    lines = [
+        markdown_table(table_rows, ["dataset", "task", "metric", "chance", *labels]),
+        "",
+        "zero-shot: value [95% bootstrap interval] over the test images (for up to "
+        f"{BOOTSTRAP_MAX_N} images); probes: mean ± std over stratified folds (seed {settings.seed}); "
+        "chance: the score of a model that ignores the image.",
+    ]
+    notes = [
+        f"- {dataset} / {label}: few-shot {k}/class skipped: {shot['skipped']}"
+        for label, per_dataset in results.items()
+        for dataset, r in per_dataset.items()
+        for k, shot in (r.get("few_shot") or {}).items()
+        if "skipped" in shot
+    ] + [
+        f"- {dataset} / {label}: probes skipped: {r.get('probe_note') or r['probe_cv']['skipped']}"
+        for label, per_dataset in results.items()
+        for dataset, r in per_dataset.items()
+        if r.get("probe_note") or "skipped" in (r.get("probe_cv") or {})
+    ]
+    if notes:
+        lines += ["", "Not computed:", *notes]
+    if skipped:
+        lines += ["", "Skipped datasets (absent under --data-root):"]
+        lines += [f"- {s['dataset']}: {s['reason']}: {s['path']}" for s in skipped]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- parser
+
+
+def add_suite_parser(commands) -> argparse.ArgumentParser:
+    suite = commands.add_parser("suite", help="several models over a catalog of datasets, one comparison table")
+    suite.add_argument("--models", nargs="+", required=True, help="*.ckpt, local-dir:DIR, hf-hub:org/repo, open_clip")
+    suite.add_argument("--catalog", required=True, help="catalog YAML, or a shipped one (configs/eval/): medical")
+    suite.add_argument("--data-root", required=True, help="folder the catalog's relative dataset paths start from")
+    suite.add_argument("--output", default="eval_suite", help="folder for results.csv/json, report.md")
+    suite.add_argument("--pretrained", help="open_clip pretrained tag, for open_clip built-in model names")
+    suite.add_argument("--trust-remote-code", action="store_true", help="as for the other commands (off)")
+    suite.add_argument("--batch-size", type=int, default=64)
+    suite.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    suite.add_argument("--workers", type=int, default=0, help="data loader processes")
+    suite.add_argument("--cache-dir", help="feature cache (default: OUTPUT/feature_cache); reused across runs")
+    suite.add_argument("--max-samples", type=int, help="encode at most this many images per dataset")
+    suite.add_argument("--no-progress", action="store_true", help="no progress bar")
+    suite.add_argument(
+        "--bootstrap",
+        type=int,
+        default=BOOTSTRAP_RESAMPLES,
+        metavar="N",
+        help="zero-shot: resamples of the 95%% bootstrap intervals (0: none; default: %(default)s)",
+    )
+    suite.set_defaults(run=run_suite)
+    return suite
