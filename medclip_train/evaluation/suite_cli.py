@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from medclip_train.evaluation.catalog import Catalog, CatalogEntry, load_catalog
+from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.feature_probes import cross_validated_probes, few_shot_probes, format_mean_std
 from medclip_train.evaluation.features import Encoder, FeatureCache
 from medclip_train.evaluation.metrics import BOOTSTRAP_MAX_N, BOOTSTRAP_RESAMPLES
@@ -50,7 +51,7 @@ def run_suite(args) -> int:
         for e in catalog.datasets
         if e not in present
     ]
-    opened = {e.name: e.open(args.data_root) for e in present}  # bad data fails before any model is loaded
+    opened = {e.name: open_entry(e, args.data_root) for e in present}  # bad data fails before any model loads
     labels = model_labels(args.models)
     output = Path(args.output)
     cache = FeatureCache(args.cache_dir or output / "feature_cache")
@@ -90,6 +91,13 @@ def run_suite(args) -> int:
     )
     print(report)
     return 0
+
+
+def open_entry(entry: CatalogEntry, data_root):
+    try:
+        return entry.open(data_root)
+    except EvalInputError as err:
+        raise EvalInputError(f"catalog dataset {entry.name}: {err}") from err
 
 
 def evaluate_dataset(encoder: Encoder, data, entry: CatalogEntry, catalog: Catalog, args) -> dict:

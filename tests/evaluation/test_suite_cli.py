@@ -201,3 +201,34 @@ def test_a_bad_catalog_field_is_one_line_naming_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"--catalog {path}: datasets[0] (x).layout: 'zip' is not one of" in err
+
+
+def test_csv_layout_and_excluded_mask_files(tmp_path):
+    root = write_image_folder(tmp_path / "busi", ["benign", "normal"], per_class=3)
+    for image in list(root.glob("*/*.png")):
+        shutil.copy(image, image.with_name(image.stem + "_mask.png"))  # BUSI keeps masks beside the images
+    rows = ["path,label"] + [f"busi/{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(root.glob("*/*_?.png"))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    data = yaml.safe_dump(
+        {
+            "datasets": [
+                {"name": "folders", "layout": "imagefolder", "path": "busi", "exclude": ["*_mask*"]},
+                {
+                    "name": "table",
+                    "layout": "csv",
+                    "path": "labels.csv",
+                    "classes": ["benign", "normal"],
+                    "tasks": ["probe_cv"],
+                },
+                {"name": "bad", "layout": "csv", "path": "labels.csv", "classes": ["benign"], "tasks": ["probe_cv"]},
+            ]
+        }
+    )
+    (tmp_path / "c.yaml").write_text(data)
+    folders, table, bad = load_catalog(tmp_path / "c.yaml").datasets
+    opened = folders.open(tmp_path)
+    assert len(opened.source) == 6 and not any("mask" in f.name for f, _ in opened.source.samples)
+    table_source = table.open(tmp_path).source
+    assert [(p.name, c) for p, c in table_source.samples] == [(f.name, c) for f, c in opened.source.samples]
+    with pytest.raises(Exception, match=r"labels.csv:5: label 'normal' is not one of the classes \['benign'\]"):
+        bad.open(tmp_path)
