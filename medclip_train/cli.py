@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from medclip_train.callbacks import AtomicCheckpointIO, EvalCallback, Preemption, RunCheckpoint, RunSummary
 from medclip_train.data.datamodule import WebDataModule
+from medclip_train.distributed import launcher_num_nodes
 from medclip_train.module import CLIPModule
 from medclip_train.resume import check_resume, read_resume_state, resolve_checkpoint
 from medclip_train.run_dir import (
@@ -115,6 +116,7 @@ class MedCLIPCLI(LightningCLI):
         trainer["default_root_dir"] = root
         if trainer.get("max_steps") is not None and trainer["max_steps"] == 0:
             raise ValueError("trainer.max_steps: 0 trains nothing; give a positive number of steps (-1: no limit)")
+        trainer["num_nodes"] = launcher_num_nodes(trainer.get("num_nodes"))  # the world torchrun/SLURM started
         # The data config is checked first (shards exist, sizes.json for exact epochs): a missing shard must not
         # wait for the towers and their weights to be built. WebDataModule's constructor only reads file lists.
         data = cfg.get("data")

@@ -7,6 +7,8 @@ Every helper is the identity (or a detached copy) when no process group is initi
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -16,6 +18,27 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launcher_num_nodes(configured: int | None) -> int | None:
+    """``trainer.num_nodes`` as the launcher started the run: torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE, or SLURM's
+    SLURM_NNODES. Lightning does not read it from there: it checks devices x num_nodes against the world size and
+    refuses a run on 4 nodes whose num_nodes was left at its default of 1. A value other than 1 is the user's and
+    is kept (a mismatch is then Lightning's one-line error).
+    """
+    env, nodes = os.environ, None
+    if (
+        "TORCHELASTIC_RUN_ID" in env
+        and env.get("WORLD_SIZE", "").isdigit()
+        and env.get("LOCAL_WORLD_SIZE", "").isdigit()
+    ):
+        world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+        nodes = world // local if local and world % local == 0 else None
+    elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        nodes = int(env["SLURM_NNODES"]) if env.get("SLURM_NNODES", "").isdigit() else None
+    if nodes is None or configured not in (None, 1):
+        return configured
+    return nodes
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
