@@ -137,3 +137,24 @@ def test_slurm_two_nodes_two_tasks(tmp_path, shards, tok):
     # (The resume of a 2-node run on 1 node x 2 processes is the torchrun test's; it takes a minute more.)
     keys = [{k for r in read_keys(root, rank) for k in r["keys"]} for rank in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 4 and not keys[0] & keys[1], "each task read its own samples"
+
+
+@pytest.mark.parametrize(
+    ("env", "configured", "expected"),
+    [
+        ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "8"}, 1, 4),  # torchrun 4 x 8
+        ({"SLURM_NTASKS": "32", "SLURM_NNODES": "4", "SLURM_JOB_NAME": "pretrain"}, 1, 4),  # srun 4 nodes
+        ({"SLURM_NTASKS": "32", "SLURM_NNODES": "4", "SLURM_JOB_NAME": "bash"}, 1, 1),  # salloc shell: no SLURM
+        ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "8"}, 2, 2),  # the user's value kept
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 1, 1),  # Lightning's own launcher: one node
+    ],
+)
+def test_num_nodes_is_taken_from_the_launcher(monkeypatch, env, configured, expected):
+    from medclip_train.distributed import launcher_num_nodes
+
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "TORCHELASTIC_", "WORLD_SIZE", "LOCAL_WORLD_SIZE")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launcher_num_nodes(configured) == expected
