@@ -239,6 +239,17 @@ class EvalCallback(L.Callback):
         max_samples: int | None = 1000,
         batch_size: int = 64,
     ):
+        """Evaluation during training (--eval.*): results go to the logger and ``summary.json``.
+
+        Args:
+            zeroshot_tasks: Zero-shot classification folders (``medclip-eval zeroshot --data`` accepts the same).
+            retrieval_shards: Shard pattern of image-text pairs for retrieval R@k.
+            every_n_steps: Evaluate every this many optimizer steps (0: not during training).
+            at_start: Also evaluate before the first step (``eval_before`` in ``summary.json``, for fine-tuning).
+            at_end: Evaluate after the last step.
+            max_samples: Images per task and retrieval pairs evaluated at most.
+            batch_size: Batch size of the evaluation.
+        """
         self.zeroshot_tasks = list(zeroshot_tasks or [])
         self.retrieval_shards = retrieval_shards
         self.every_n_steps = every_n_steps

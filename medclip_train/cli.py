@@ -12,6 +12,7 @@ import re
 import sys
 import warnings
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -42,6 +43,11 @@ for _message in (
     r".*Checkpoint directory .* exists and is not empty.*",  # config.yaml lands in the run folder first
 ):
     warnings.filterwarnings("ignore", message=_message)
+
+# `train.py fit --help` documents every option of this package from its docstrings: the Args of the __init__s, and
+# the attribute docstrings of the config dataclasses (`--model.clip.preset` ...), which jsonargparse reads only
+# when asked to.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class MedCLIPArgumentParser(LightningArgumentParser):

@@ -30,24 +30,32 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# The defaults as instances, not None: jsonargparse then lists every field as its own option with its docstring in
+# `train.py fit --help` (`--model.clip.preset` ...); an optional dataclass is one opaque `--model.clip` option. The
+# configs are never mutated, so sharing one default instance is safe.
+_DEFAULT_CLIP, _DEFAULT_LOSS, _DEFAULT_OPTIM = ModelConfig(), LossConfig(), OptimConfig()
+
+
 class CLIPModule(L.LightningModule):
     def __init__(
         self,
-        clip: ModelConfig | None = None,
-        loss: LossConfig | None = None,
-        optim: OptimConfig | None = None,
+        clip: ModelConfig = _DEFAULT_CLIP,
+        loss: LossConfig = _DEFAULT_LOSS,
+        optim: OptimConfig = _DEFAULT_OPTIM,
         accumulation_steps: int = 1,
         grad_clip_norm: float = 1.0,
         max_consecutive_skips: int = 10,
     ):
-        """Args:
-        clip: the CLIP model (preset, towers, weights, locking).
-        loss: the objective (InfoNCE, semantic matching weight, SigLIP).
-        optim: AdamW and schedule.
-        accumulation_steps: exact contrastive accumulation: the data batch is split into this many
-            micro-batches for memory, and the update equals one step on the whole batch.
-        grad_clip_norm: clip the global gradient norm (0 disables).
-        max_consecutive_skips: stop after this many consecutive non-finite steps.
+        """The model and how it trains (--model.*).
+
+        Args:
+            clip: The CLIP model: preset, towers, weights, locking.
+            loss: The objective: InfoNCE, semantic matching weight, SigLIP.
+            optim: AdamW and the learning-rate schedule.
+            accumulation_steps: Exact contrastive accumulation: the data batch is split into this many
+                micro-batches for memory, and the update equals one step on the whole batch.
+            grad_clip_norm: Clip the global gradient norm to this (0 disables).
+            max_consecutive_skips: Stop after this many consecutive steps with a non-finite loss or gradient.
         """
         super().__init__()
         clip, loss, optim = clip or ModelConfig(), loss or LossConfig(), optim or OptimConfig()
@@ -79,7 +87,9 @@ class CLIPModule(L.LightningModule):
         self.model_cfg = built.model_cfg
         self.preprocess_cfg = built.preprocess_cfg
         if loss.kind == "siglip" and self.model.logit_bias is None:
-            raise ValueError("loss.kind=siglip needs a logit bias: set model.clip.init_logit_bias (SigLIP: -10.0)")
+            raise ValueError(
+                "model.loss.kind=siglip needs a logit bias: set model.clip.init_logit_bias (SigLIP: -10.0)"
+            )
         self.loss = build_loss(loss)
         self.accumulation_steps = accumulation_steps
         self.grad_clip_norm = grad_clip_norm
@@ -100,7 +110,7 @@ class CLIPModule(L.LightningModule):
         datamodule.configure(self.tokenizer, self.preprocess_cfg)
         self.label_vocab = datamodule.vocab
         if self.loss_cfg.w_sm > 0 and self.loss_cfg.kind == "clip" and self.label_vocab is None:
-            raise ValueError("loss.w_sm > 0 needs label vectors: set data.label_top_k > 0")
+            raise ValueError("model.loss.w_sm > 0 needs label vectors: set data.label_top_k > 0")
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(image, text)
@@ -224,7 +234,8 @@ class CLIPModule(L.LightningModule):
             raise NonFiniteLossError(
                 f"{self._consecutive_skips} consecutive steps had a non-finite loss or gradient (step "
                 f"{self.global_step}). Try: trainer.precision=bf16-mixed instead of 16-mixed, a lower "
-                "model.optim.lr or longer warmup_steps, model.grad_clip_norm=1.0, and check the data for bad samples."
+                "model.optim.lr or longer model.optim.warmup_steps, model.grad_clip_norm=1.0, and check the data "
+                "for bad samples."
             )
 
     def _skip_on_device(self, optimizer, nonfinite: torch.Tensor) -> None:

@@ -199,7 +199,7 @@ def test_grad_checkpointing_backward(tiny_tokenizer_dir, locked):
 
 
 def test_unknown_preset_names_the_field():
-    with pytest.raises(ValueError, match=r"model\.preset"):
+    with pytest.raises(ValueError, match=r"model\.clip\.preset: unknown preset 'no_such_preset'"):
         ModelConfig(preset="no_such_preset")
 
 
@@ -207,17 +207,17 @@ def test_unknown_timm_model_names_the_field(monkeypatch, tiny_tokenizer_dir):
     bad = get_preset("tiny")
     bad["model_cfg"]["vision_cfg"]["timm_model_name"] = "no_such_vit"
     monkeypatch.setitem(PRESETS, "bad_timm", bad)
-    with pytest.raises(ValueError, match=r"timm_model_name.*no_such_vit"):
+    with pytest.raises(ValueError, match=r"model\.clip\.preset='bad_timm': its image tower 'no_such_vit'"):
         validate_model_config(ModelConfig(preset="bad_timm", tokenizer=str(tiny_tokenizer_dir)))
 
 
 def test_context_length_above_position_embeddings_names_the_field(tiny_tokenizer_dir):
-    with pytest.raises(ValueError, match=r"model\.context_length=129.*max_position_embeddings=128"):
+    with pytest.raises(ValueError, match=r"model\.clip\.context_length=129.*max_position_embeddings=128"):
         build_model(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir), context_length=129))
 
 
 def test_missing_tokenizer_names_the_field():
-    with pytest.raises(ValueError, match=r"model\.tokenizer"):
+    with pytest.raises(ValueError, match=r"model\.clip\.tokenizer: preset 'tiny' has no tokenizer"):
         build_model(ModelConfig(preset="tiny"))
 
 
@@ -228,4 +228,4 @@ def test_offline_missing_hub_model_says_what_and_how(entry, hub_offline_empty_ca
     message = str(info.value)
     assert PUBMEDBERT in message and "'config.json'" in message  # what is missing
     assert "HF_HUB_OFFLINE=1" in message
-    assert "point model.text_model at" in message and "local folder" in message  # how to fix it
+    assert "point model.clip.text_model at" in message and "local folder" in message  # how to fix it

@@ -70,16 +70,29 @@ class WebDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         prefetch_factor: int = 4,
     ):
-        """Args:
-        train: training sources, each a shard pattern with a mixing weight (a plain pattern string is one
-            source of weight 1).
-        val: shard pattern of the held-out set (validation loss and retrieval).
-        batch_size: per-rank batch size (with exact accumulation, the whole accumulated batch).
-        epoch_mode: ``exact`` (each sample once per epoch, counts from ``sizes.json``) or ``resampled``
-            (weighted shard sampling with replacement, virtual epochs of ``samples_per_epoch``).
-        label_top_k: size of the label/CUI vocabulary for the semantic matching loss (0: no labels).
-        train_scale: RandomResizedCrop scale range (BiomedCLIP/open_clip use (0.9, 1.0)).
-        max_skip_fraction: stop with an error naming the shard when more samples than this are bad.
+        """The shards and how they are streamed (--data.*).
+
+        Args:
+            train: Training sources, each a shard pattern with a mixing weight (a plain pattern string is one
+                source of weight 1).
+            val: Shard pattern of the held-out set (validation loss).
+            batch_size: Per-rank batch size (with exact accumulation, the whole accumulated batch).
+            val_batch_size: Per-rank batch size of validation; default: ``batch_size``.
+            num_workers: Data loader processes per rank (decoding and augmentation).
+            epoch_mode: ``exact`` (each sample once per epoch, counts from ``sizes.json``) or ``resampled``
+                (weighted shard sampling with replacement, virtual epochs of ``samples_per_epoch``).
+            samples_per_epoch: Samples of a virtual epoch, over all ranks; required by ``epoch_mode: resampled``.
+            shuffle_buffer: Samples held in each worker's shuffle buffer (0: none; the shard order is shuffled
+                either way).
+            seed: Seed of the shard order, the shuffle buffer and the caption draws.
+            label_top_k: Size of the label/CUI vocabulary for the semantic matching loss (0: no labels).
+            random_caption: Draw one of a sample's captions at random each epoch (its ``.json`` ``captions``);
+                false: always its ``.txt``.
+            train_scale: RandomResizedCrop scale range (BiomedCLIP/open_clip use (0.9, 1.0)).
+            color_jitter: Colour jitter strength of training images (open_clip's ``color_jitter``); default: none.
+            max_skip_fraction: Stop with an error naming the shard when more samples than this share are bad.
+            pin_memory: Pinned host memory for batches (used on CUDA only).
+            prefetch_factor: Batches each worker prepares ahead.
         """
         super().__init__()
         if epoch_mode not in ("exact", "resampled"):

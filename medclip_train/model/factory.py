@@ -82,12 +82,13 @@ def remote_code_reference(path: str, filename: str, auto_class: str):
     return auto_map.get(auto_class) if isinstance(auto_map, dict) else None
 
 
-def load_text_config(name: str, trust_remote_code: bool = False):
+def load_text_config(name: str, trust_remote_code: bool = False, field_name: str = "model.clip.text_model"):
     """The HF config of the text tower, with an actionable error when it cannot be found offline.
 
     ``trust_remote_code`` is passed to transformers explicitly (its default ``None`` prompts on a terminal): with
     ``False`` a config whose ``model_type`` transformers knows loads with transformers' own class, and one that
-    needs its ``auto_map`` code is refused with :class:`RemoteCodeRefused`.
+    needs its ``auto_map`` code is refused with :class:`RemoteCodeRefused`. ``field_name`` is the setting the error
+    names (where ``name`` came from).
     """
     from transformers import AutoConfig
 
@@ -98,7 +99,7 @@ def load_text_config(name: str, trust_remote_code: bool = False):
         reference = None if trust_remote_code else remote_code_reference(path, "config.json", "AutoConfig")
         if reference is not None:
             raise RemoteCodeRefused(name, "config.json", reference) from err
-        raise FileNotFoundError(_missing_hf_message("model.text_model", name, "config.json")) from err
+        raise FileNotFoundError(_missing_hf_message(field_name, name, "config.json")) from err
 
 
 def _missing_hf_message(field_name: str, name: str, filename: str) -> str:
@@ -119,18 +120,18 @@ def validate_model_config(cfg: ModelConfig) -> tuple[dict, dict]:
     model_cfg, preprocess_cfg = resolve_open_clip_cfg(cfg)
     timm_name = model_cfg["vision_cfg"]["timm_model_name"]
     if not timm.is_model(timm_name):
-        raise ValueError(f"model vision_cfg.timm_model_name: unknown timm model {timm_name!r}")
+        raise ValueError(f"model.clip.preset={cfg.preset!r}: its image tower {timm_name!r} is not a timm model")
     text_cfg = model_cfg["text_cfg"]
     hf_config = load_text_config(text_cfg["hf_model_name"], cfg.trust_remote_code)
     max_positions = getattr(hf_config, "max_position_embeddings", None)
     if max_positions is not None and text_cfg["context_length"] > max_positions:
         raise ValueError(
-            f"model.context_length={text_cfg['context_length']} exceeds the text tower's maximum "
+            f"model.clip.context_length={text_cfg['context_length']} exceeds the text tower's maximum "
             f"max_position_embeddings={max_positions} ({text_cfg['hf_model_name']})"
         )
     if not text_cfg.get("hf_tokenizer_name"):
         raise ValueError(
-            f"model.tokenizer: preset {cfg.preset!r} has no tokenizer; set model.tokenizer to a HF tokenizer "
+            f"model.clip.tokenizer: preset {cfg.preset!r} has no tokenizer; set model.clip.tokenizer to a HF tokenizer "
             "name or folder (the demo data ships one in DATA/tokenizer)"
         )
     return model_cfg, preprocess_cfg
@@ -147,7 +148,7 @@ def build_tokenizer(model_cfg: dict, trust_remote_code: bool = False) -> HFToken
         reference = None if trust_remote_code else remote_code_reference(path, "tokenizer_config.json", "AutoTokenizer")
         if reference is not None:
             raise RemoteCodeRefused(name, "tokenizer_config.json", reference) from err
-        raise FileNotFoundError(_missing_hf_message("model.tokenizer", name, "tokenizer files")) from err
+        raise FileNotFoundError(_missing_hf_message("model.clip.tokenizer", name, "tokenizer files")) from err
 
 
 def build_model(cfg: ModelConfig) -> BuiltModel:
@@ -160,7 +161,7 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
         model = CustomTextCLIP(**build_cfg, output_dict=True)
     except OSError as err:  # pretrained weights requested but not available offline
         name = model_cfg["text_cfg"]["hf_model_name"]
-        raise FileNotFoundError(_missing_hf_message("model.text_model", name, "model weights")) from err
+        raise FileNotFoundError(_missing_hf_message("model.clip.text_model", name, "model weights")) from err
     if cfg.init_from:
         from medclip_train.model.loading import load_clip_weights
 
@@ -189,9 +190,9 @@ def lock_text_tower(text, unlocked_layers: int = 0, freeze_layer_norm: bool = Tr
     encoder = getattr(transformer, "encoder", transformer)
     layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
     if layers is None:
-        raise ValueError(f"model.lock_text_unlocked_layers: cannot find the layer list of {type(transformer)}")
+        raise ValueError(f"model.clip.lock_text_unlocked_layers: cannot find the layer list of {type(transformer)}")
     if unlocked_layers > len(layers):
-        raise ValueError(f"model.lock_text_unlocked_layers={unlocked_layers} > {len(layers)} layers in the tower")
+        raise ValueError(f"model.clip.lock_text_unlocked_layers={unlocked_layers} > {len(layers)} layers in the tower")
     unlocked = {id(p) for layer in list(layers)[len(layers) - unlocked_layers :] for p in layer.parameters()}
     pooler = getattr(transformer, "pooler", None)
     if pooler is not None and unlocked_layers > 0:

@@ -86,7 +86,7 @@ def load_open_clip(
         name = text_cfg["hf_model_name"]
         if source.startswith("local-dir:"):
             name = resolve_local_text_model(Path(source[len("local-dir:") :]), name)
-        load_text_config(name, trust_remote_code)
+        load_text_config(name, trust_remote_code, "text_cfg.hf_model_name")  # of open_clip_config.json
         if name != text_cfg["hf_model_name"]:
             # open_clip applies keyword arguments over the folder's model config; the weights come from the folder.
             overrides["text_cfg"] = {**text_cfg, "hf_model_name": name, "hf_model_pretrained": False}
@@ -197,7 +197,7 @@ def load_state_dict_report(model: torch.nn.Module, state: dict) -> dict:
 
 
 def load_clip_weights(model: torch.nn.Module, source: str) -> dict:
-    """Initialise ``model`` from full CLIP weights (``model.init_from``); returns the key report.
+    """Initialise ``model`` from full CLIP weights (``model.clip.init_from``); returns the key report.
 
     ``local-dir:DIR`` reads ``DIR/open_clip_model.safetensors`` (or ``open_clip_pytorch_model.bin``),
     ``hf-hub:org/repo`` the same files from the Hub (cache), ``*.ckpt`` a project checkpoint.
@@ -209,7 +209,7 @@ def load_clip_weights(model: torch.nn.Module, source: str) -> dict:
         state = _read_open_clip_weights(source)
     report = load_state_dict_report(model, state)
     if report["loaded"] == 0:
-        raise ValueError(f"model.init_from={source!r}: no weight matched this model's architecture")
+        raise ValueError(f"model.clip.init_from={source!r}: no weight matched this model's architecture")
     print(
         f"init_from {source}: loaded {report['loaded']} tensors, missing {len(report['missing'])}"
         f"{' ' + str(report['missing'][:5]) if report['missing'] else ''}, unexpected {len(report['unexpected'])}"
@@ -225,7 +225,7 @@ def _read_open_clip_weights(source: str) -> dict:
         folder = Path(source[len("local-dir:") :])
         path = _find_checkpoint_in_dir(folder) if folder.is_dir() else None
         if path is None:
-            raise FileNotFoundError(f"model.init_from={source!r}: no open_clip weights file in {folder}")
+            raise FileNotFoundError(f"model.clip.init_from={source!r}: no open_clip weights file in {folder}")
     elif source.startswith("hf-hub:"):
         from open_clip.pretrained import download_pretrained_from_hf
 
@@ -233,13 +233,13 @@ def _read_open_clip_weights(source: str) -> dict:
             path = download_pretrained_from_hf(source[len("hf-hub:") :])
         except Exception as err:
             raise FileNotFoundError(
-                f"model.init_from={source!r}: weights not found in the HF cache and not downloadable "
+                f"model.clip.init_from={source!r}: weights not found in the HF cache and not downloadable "
                 f"({type(err).__name__}). Download the repo once, or use local-dir:PATH"
             ) from err
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"model.init_from={source!r}: no such file")
+            raise FileNotFoundError(f"model.clip.init_from={source!r}: no such file")
     path = str(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file

@@ -103,7 +103,7 @@ PRESETS: dict[str, dict] = {
 def get_preset(name: str) -> dict:
     """A deep copy of preset ``name`` (``model_cfg`` and ``preprocess_cfg``)."""
     if name not in PRESETS:
-        raise ValueError(f"model.preset: unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        raise ValueError(f"model.clip.preset: unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
 
 

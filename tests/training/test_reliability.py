@@ -227,10 +227,15 @@ def no_heavy_work(monkeypatch):
     monkeypatch.setattr(factory, "CustomTextCLIP", refuse)
 
 
+# Each message names the setting as the user writes it (--model.clip.preset, or model: {clip: {preset: }} in YAML).
 CONFIG_ERRORS = {
-    "unknown_preset": (["--model.clip.preset", "vit_h14_nonexistent"], "model.preset"),
-    "unknown_text_tower": (["--model.clip.text_model", "/nonexistent/pubmedbert"], "model.text_model"),
-    "context_too_long": (["--model.clip.context_length", "4096"], "model.context_length"),
+    "unknown_preset": (["--model.clip.preset", "vit_h14_nonexistent"], "model.clip.preset"),
+    "unknown_text_tower": (["--model.clip.text_model", "/nonexistent/pubmedbert"], "model.clip.text_model"),
+    "context_too_long": (["--model.clip.context_length", "4096"], "model.clip.context_length"),
+    "negative_context": (["--model.clip.context_length", "-1"], "model.clip.context_length"),
+    "unknown_loss": (["--model.loss.kind", "triplet"], "model.loss.kind"),
+    "unknown_schedule": (["--model.optim.schedule", "linear"], "model.optim.schedule"),
+    "no_warmup_sign": (["--model.optim.warmup_steps", "-5"], "model.optim.warmup_steps"),
     "missing_shard": ([], "data.train[0].shards"),
     "missing_sizes_json": ([], "sizes.json"),
 }
