@@ -1,10 +1,13 @@
-"""Callbacks of every run: throughput and the run summary, periodic zero-shot/retrieval evaluation, a stop of all
-ranks on SIGTERM/SIGUSR1; and the checkpoint writer that never leaves a half-written file in place of a good one."""
+"""Callbacks of every run: throughput and the run summary, progress in steps, periodic zero-shot/retrieval
+evaluation, a stop of all ranks on SIGTERM/SIGUSR1; and the checkpoint writer that never leaves a half-written file in
+place of a good one."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import math
 import os
 import resource
 import sys
@@ -13,7 +16,7 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -96,6 +99,114 @@ class RunSummary(L.Callback):
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, self.filename), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+
+
+class StepProgress(ProgressBar):
+    """Progress in optimizer steps, on stdout: ``step 120/300  loss 1.2345  samples/s 195.6  elapsed 0:00:40
+    eta 0:01:00``.
+
+    On a terminal the line is a bar redrawn in place; otherwise (a log file, a pipe, a SLURM job) it is printed as a
+    plain line every ``every_n_steps`` steps (default: ``trainer.log_every_n_steps``) and at the last step. A line
+    after each validation gives its loss. Lightning's own bar counts batches per epoch (``Epoch 2/-2`` in a run
+    bounded by ``max_steps``) and writes nothing useful to a file.
+
+    Per step only host-side clocks are read; the loss (a device tensor) is read when a line is written, and on a
+    terminal at most twice a second.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, refresh_s: float = 0.5):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.refresh_s = refresh_s
+        self._enabled = True
+        self._bar = None
+        self._rate_window: list[tuple[float, int]] = []  # (time, samples so far in this run), the last 20 steps
+        self._samples = 0
+        self._start = (0.0, 0)  # (time, global step) when this run started training
+        self._total: int | None = None
+        self._last_refresh = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def print(self, *args, **kwargs) -> None:
+        if self._bar is not None:  # above the bar, which tqdm redraws below
+            from tqdm import tqdm
+
+            tqdm.write(" ".join(map(str, args)), file=sys.stdout)
+        else:
+            print(*args, **kwargs)
+
+    def total_steps(self, trainer) -> int | None:
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return trainer.max_steps
+        estimated = trainer.estimated_stepping_batches  # max_epochs x batches per epoch
+        return int(estimated) if math.isfinite(estimated) else None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = (time.perf_counter(), trainer.global_step)
+        self._rate_window = [(self._start[0], 0)]
+        self._samples = 0
+        self._total = self.total_steps(trainer)
+        if self._enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self._total,
+                initial=trainer.global_step,
+                file=sys.stdout,
+                dynamic_ncols=True,
+                bar_format="step {n_fmt}/{total_fmt} {bar} {desc}  elapsed {elapsed}  eta {remaining}",
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self._samples += batch["image"].shape[0] * trainer.world_size
+        self._rate_window = [*self._rate_window[-20:], (now, self._samples)]
+        if not self._enabled:
+            return
+        step, total = trainer.global_step, self._total
+        if self._bar is not None:
+            if now - self._last_refresh >= self.refresh_s or step == total:
+                self._last_refresh = now
+                self._bar.set_description_str(self._figures(trainer), refresh=False)  # drawn by update()
+            self._bar.update(step - self._bar.n)
+            return
+        every = self.every_n_steps or trainer.log_every_n_steps or 1
+        if step % every == 0 or step == total:
+            print(f"step {step}/{total or '?'}  {self._figures(trainer)}  {self._times(step, total, now)}", flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        losses = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        figures = "  ".join(f"{k} {_scalar(v):.4f}" for k, v in sorted(losses.items()))
+        self.print(f"validation at step {trainer.global_step}: {figures or 'no metrics'}", flush=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _figures(self, trainer) -> str:
+        loss = trainer.progress_bar_metrics.get("train/loss")
+        (t0, n0), (t1, n1) = self._rate_window[0], self._rate_window[-1]
+        rate = (n1 - n0) / (t1 - t0) if t1 > t0 else None
+        loss_text = "?" if loss is None else f"{_scalar(loss):.4f}"
+        return f"loss {loss_text}  samples/s {'?' if rate is None else f'{rate:.1f}'}"
+
+    def _times(self, step: int, total: int | None, now: float) -> str:
+        elapsed = now - self._start[0]
+        done = step - self._start[1]
+        eta = "?" if not total or done <= 0 else _duration(elapsed / done * max(total - step, 0))
+        return f"elapsed {_duration(elapsed)}  eta {eta}"
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def _last_checkpoint(trainer) -> dict | None:

@@ -1,7 +1,8 @@
 """LightningCLI entry (``python train.py fit --config ...`` / ``medclip-train``): the run's configuration.
 
-Every run writes into ``trainer.default_root_dir`` (``checkpoints/<run>/``): the resolved ``config.yaml``,
-``metrics.csv``, step checkpoints and ``last.ckpt``, and ``summary.json``.
+Every run writes into ``trainer.default_root_dir`` (``checkpoints/run/``; with ``--run_name NAME``,
+``<default_root_dir or checkpoints>/NAME/``): the resolved ``config.yaml``, ``metrics.csv``, step checkpoints and
+``last.ckpt``, and ``summary.json``. Progress goes to stdout, counted in optimizer steps (``StepProgress``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from medclip_train.callbacks import AtomicCheckpointIO, EvalCallback, Preemption, RunCheckpoint, RunSummary
+from medclip_train.callbacks import (
+    AtomicCheckpointIO,
+    EvalCallback,
+    Preemption,
+    RunCheckpoint,
+    RunSummary,
+    StepProgress,
+)
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.distributed import launcher_num_nodes
 from medclip_train.module import CLIPModule
@@ -48,6 +56,9 @@ for _message in (
 # the attribute docstrings of the config dataclasses (`--model.clip.preset` ...), which jsonargparse reads only
 # when asked to.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+# Lightning logs every 50 steps when trainer.log_every_n_steps is not set: a shorter run wrote no metrics.csv.
+LIGHTNING_LOG_EVERY_N_STEPS = 50
 
 
 class MedCLIPArgumentParser(LightningArgumentParser):
@@ -104,7 +115,12 @@ class MedCLIPCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(EvalCallback, "eval")
-        parser.add_argument("--run_name", type=str | None, default=None, help="checkpoints/<run_name>/")
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="name of the run folder: <trainer.default_root_dir or checkpoints>/<run_name>/",
+        )
         parser.add_argument(
             "--resume_allow_changed",
             type=list[str],
@@ -117,11 +133,14 @@ class MedCLIPCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg["trainer"]
         if cfg.get("run_name"):
-            trainer["default_root_dir"] = os.path.join("checkpoints", cfg["run_name"])
+            trainer["default_root_dir"] = os.path.join(
+                trainer.get("default_root_dir") or "checkpoints", cfg["run_name"]
+            )
         root = trainer.get("default_root_dir") or os.path.join("checkpoints", "run")
         trainer["default_root_dir"] = root
         if trainer.get("max_steps") is not None and trainer["max_steps"] == 0:
             raise ValueError("trainer.max_steps: 0 trains nothing; give a positive number of steps (-1: no limit)")
+        trainer["log_every_n_steps"] = log_interval(trainer.get("log_every_n_steps"), trainer.get("max_steps"))
         trainer["num_nodes"] = launcher_num_nodes(trainer.get("num_nodes"))  # the world torchrun/SLURM started
         # The data config is checked first (shards exist, sizes.json for exact epochs): a missing shard must not
         # wait for the towers and their weights to be built. WebDataModule's constructor only reads file lists.
@@ -171,9 +190,23 @@ class MedCLIPCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not when a config chose another writer
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        bar = trainer.progress_bar_callback
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        if bar is not None and not any(cb is bar for cb in configured):
+            # Lightning's default bar counts batches per epoch ("Epoch 2/-2" with max_steps) and prints nothing
+            # useful to a log file; a bar the user configured is kept.
+            trainer.callbacks[trainer.callbacks.index(bar)] = StepProgress()
         trainer.callbacks.append(Preemption())
         trainer.callbacks.append(RunSummary())
         return trainer
+
+
+def log_interval(configured: int | None, max_steps: int | None) -> int | None:
+    """``trainer.log_every_n_steps``: the user's value, or for a run of ``max_steps`` about 10 rows of metrics
+    (at most Lightning's default interval), so that a short run's ``metrics.csv`` is never empty."""
+    if configured is not None or max_steps is None or max_steps <= 0:
+        return configured
+    return min(LIGHTNING_LOG_EVERY_N_STEPS, max(1, max_steps // 10))
 
 
 class RunAlreadyFinished(Exception):

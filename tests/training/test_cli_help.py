@@ -39,6 +39,7 @@ def fit_help() -> dict[str, str]:
         ("--model.optim.warmup_steps", "Linear warmup from 0 to ``lr``"),
         ("--model.accumulation_steps", "Exact contrastive accumulation"),
         ("--eval.every_n_steps", "Evaluate every this many optimizer steps"),
+        ("--run_name", "<trainer.default_root_dir or checkpoints>/<run_name>/"),
     ],
 )
 def test_fit_help_shows_the_docstring_of_an_option(fit_help, option, documented):
