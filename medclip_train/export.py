@@ -142,7 +142,8 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> None:
     api.upload_folder(folder_path=str(folder), repo_id=repo_id)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medclip-export`` argument parser (also read by the test of README's commands)."""
     parser = argparse.ArgumentParser(prog="medclip-export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a project checkpoint, e.g. checkpoints/demo/last.ckpt")
     parser.add_argument("--output", required=True, help="folder to write (open_clip local-dir format)")
@@ -161,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="let Hugging Face run Python code shipped with the text tower (off; a checkpoint cannot turn it on)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.push_to_hub and args.hub_id and args.push_to_hub != args.hub_id:
         print(f"medclip-export: --hub-id {args.hub_id} differs from --push-to-hub {args.push_to_hub}", file=sys.stderr)
         return 2
