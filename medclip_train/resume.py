@@ -99,7 +99,9 @@ def check_resume(state: dict, model_clip, data, allowed: list[str]) -> list[str]
             now = _train_sources(data_now.get("train")) if field == "train" else data_now.get(field)
             if layout[field] != now:
                 changes.append((f"data.{field}", layout[field], now))
-        mid_epoch = state["data"].get("batches_in_epoch", 0) > 0
+        from medclip_train.data.datamodule import finished_epoch_moved_on
+
+        mid_epoch = finished_epoch_moved_on(state["data"]).get("batches_in_epoch", 0) > 0
         if mid_epoch:
             for field in LAYOUT_FIELDS:
                 if field in layout and field in data_now and layout[field] != data_now[field]:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from medclip_train.data.labels import LabelVocab
 from medclip_train.data.pixels import pixels_transform
 from medclip_train.data.sources import ShardSource, check_local_shards_exist, read_label_counts, shard_sizes
-from medclip_train.data.stream import DataError, ShardStream, StreamSpec
+from medclip_train.data.stream import ShardStream, StreamSpec
 from medclip_train.distributed import world_info
 
 
@@ -223,19 +223,20 @@ class WebDataModule(L.LightningDataModule):
         self.stream_state["samples_in_epoch"] += n_samples
 
     def on_train_epoch_done(self) -> None:
+        batches = self.stream_state["batches_in_epoch"]
         planned = len(self._train_loader) if self._train_loader is not None else None
-        stopping = self.trainer is not None and self.trainer.should_stop
-        if planned is not None and 0 < self.stream_state["batches_in_epoch"] < planned:
+        if batches == 0:
+            # Nothing of this epoch was trained on: Lightning ends an epoch without fetching a batch when it resumes
+            # from a checkpoint taken at an epoch's last step; that epoch was already counted. (An epoch of bad
+            # samples cannot get here: the stream raises DataError when a worker yields no good sample.)
+            return
+        if planned is not None and batches < planned:
             # Lightning ends the epoch when the run stops (max_steps, SIGTERM) in its middle: the position stays,
             # so that a resume continues this epoch instead of skipping the rest of it.
             return
-        if self.stream_state["batches_in_epoch"] == 0 and not stopping:
-            # An epoch that yielded no batch at all would be followed by another, forever (every sample bad).
-            raise DataError(
-                f"epoch {self.stream_state['epoch']} of data.train yielded no batch: no sample of "
-                f"{self._train_urls[0] if len(self._train_urls) == 1 else f'{len(self._train_urls)} shards'} "
-                "could be read (see the skipped-sample warnings)"
-            )
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
         self.stream_state["epoch"] += 1
         self.stream_state["batches_in_epoch"] = 0
         self.stream_state["samples_in_epoch"] = 0
@@ -259,18 +260,25 @@ class WebDataModule(L.LightningDataModule):
         # Every rank runs batches of the same shape (see data/plan.py), so the total is the rank's count x ranks.
         state["samples_in_epoch_all_ranks"] = state["samples_in_epoch"] * world_size
         state["layout"] = self.layout()
+        # A checkpoint taken at an epoch's last step (before Lightning's epoch end) holds the whole epoch as consumed:
+        # with the plan's length a resume sees the epoch as finished, not as a position inside it.
+        state["batches_planned"] = len(self._train_loader) if self._train_loader is not None else None
         if self.vocab is not None:
             state["vocab"] = list(self.vocab.labels)
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        state = finished_epoch_moved_on(state)
         saved_world = (state.get("layout") or {}).get("world_size")
         _, world_size = world_info()
         if state.get("batches_in_epoch", 0) > 0 and saved_world not in (None, world_size):
             from medclip_train.resume import mid_epoch_message
 
-            raise ValueError(mid_epoch_message("world size (trainer.devices x trainer.num_nodes)", saved_world,
-                                               world_size, {"data": state}))
+            raise ValueError(
+                mid_epoch_message(
+                    "world size (trainer.devices x trainer.num_nodes)", saved_world, world_size, {"data": state}
+                )
+            )
         keys = ("epoch", "batches_in_epoch", "samples_in_epoch", "restarts")
         self.stream_state.update({k: state[k] for k in keys if k in state})
         self.stream_state["restarts"] += 1
@@ -282,6 +290,14 @@ class WebDataModule(L.LightningDataModule):
                     f"does not match the checkpoint's ({len(saved)} labels); resume with the same data and top-K"
                 )
             self.vocab = saved
+
+
+def finished_epoch_moved_on(state: dict) -> dict:
+    """The data state with a fully consumed epoch (batches_in_epoch == batches_planned) as the start of the next."""
+    planned = state.get("batches_planned")
+    if planned and state.get("batches_in_epoch", 0) >= planned:
+        state = {**state, "epoch": state.get("epoch", 0) + 1, "batches_in_epoch": 0, "samples_in_epoch": 0}
+    return state
 
 
 def _cuda() -> bool:

@@ -8,6 +8,7 @@ storage options for https headers); URLs are redacted in every message (:func:`r
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import posixpath
@@ -25,7 +26,8 @@ class ShardSource:
     """One data source of a run (e.g. ROCO, MedICaT, PMC-OA)."""
 
     shards: str
-    """Brace pattern of shards, local path or any URL webdataset opens (``pipe:``, ``s3://`` via fsspec...)."""
+    """Brace pattern of shards (``train-{000000..000099}.tar``), a local glob (``train-*.tar``), or any URL
+    webdataset or fsspec opens (``pipe:``, ``https://``, ``s3://``...)."""
     weight: float = 1.0
     """Mixing weight in resampled mode: the expected fraction of samples from this source is weight / sum."""
     name: str | None = None
@@ -40,7 +42,10 @@ class ShardSource:
             self.name = redact(os.path.basename(os.path.dirname(self.shards)) or self.shards)
 
     def urls(self) -> list[str]:
-        urls = expand_urls(self.shards)
+        urls = []
+        for url in expand_urls(self.shards):
+            # A local glob (`shards/mine/train-*.tar`): a converter's shard count need not be known to train on it.
+            urls += sorted(glob.glob(url)) if is_local(url) and glob.has_magic(url) else [url]
         if not urls:
             raise ValueError(f"data source {self.name!r}: pattern {self.shards!r} matches no shard")
         return urls

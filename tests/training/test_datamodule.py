@@ -232,3 +232,11 @@ def test_resume_on_another_world_size_mid_epoch_is_refused_naming_both(tmp_path,
     with pytest.raises(ValueError, match=r"world size .*epoch 0 .*=2; this run has 1"):
         make_dm(tokenizer, pattern).load_state_dict(state)
     make_dm(tokenizer, pattern).load_state_dict({**state, "batches_in_epoch": 0, "samples_in_epoch": 0})
+
+
+def test_a_local_glob_names_the_shards_in_order(tmp_path):
+    paths = make_shards(tmp_path, [3, 3, 3])
+    dm = WebDataModule(train=str(tmp_path / "train-*.tar"), batch_size=4, num_workers=0)
+    assert dm._train_urls == [str(p) for p in paths] and dm._train_sizes == [3, 3, 3]
+    with pytest.raises(ValueError, match="matches no shard"):
+        WebDataModule(train=str(tmp_path / "val-*.tar"), batch_size=4, num_workers=0)

@@ -16,9 +16,11 @@ import torch
 
 from tests.shardkit import make_shards, shard_pattern
 from tests.training.conftest import (
+    KeyRecorder,
     SlowDown,
     callback_arg,
     fit_args,
+    read_keys,
     read_metrics,
     read_summary,
     run_cli,
@@ -237,3 +239,34 @@ def test_slurm_warning_signal_saves_stops_and_requeues_the_job(tmp_path, shards,
     assert torch.load(root / "last.ckpt", weights_only=True)["global_step"] == 3
     assert read_summary(root)["stopped_by"] == "SIGUSR1"
     assert calls.read_text().split() == ["requeue", "4242"]
+
+
+def test_a_run_that_ended_at_an_epoch_end_resumes_into_the_next_epoch(tmp_path, shards, tok):
+    """4 steps of 4 samples are exactly one epoch of 16: last.ckpt is written after Lightning's epoch end. The resumed
+    run used to find an empty 'rest of the epoch' and stop with DataError (or skip the next epoch)."""
+    pattern = shards([8, 8])
+    root = tmp_path / "run"
+    keys = ("--trainer.callbacks+", callback_arg(KeyRecorder))
+    run_cli(fit_args(tok, pattern, root, "--trainer.max_steps", "4", *B4, *keys))
+    run_cli(fit_args(tok, pattern, root, "--trainer.max_steps", "8", *B4, *keys, "--ckpt_path", "last"))
+    records = read_keys(root)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    epochs = [[k for r in records[i : i + 4] for k in r["keys"]] for i in (0, 4)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == [f"train_{i:06d}" for i in range(16)]
+    assert epochs[0] != epochs[1], "the second epoch is reshuffled, not replayed"
+
+
+def test_batch_size_may_change_when_the_checkpoint_closed_an_epoch(tmp_path, shards, tok, capsys):
+    """A periodic checkpoint at an epoch's last step holds the whole epoch as consumed (4 of 4 batches): that is an
+    epoch boundary, where another batch size is accepted (it was refused as 'in the middle of epoch 0')."""
+    pattern = shards([8, 8])
+    root = tmp_path / "run"
+    keys = ("--trainer.callbacks+", callback_arg(KeyRecorder))
+    run_cli(
+        fit_args(tok, pattern, root, "--trainer.max_steps", "4", *B4, "--checkpoint.every_n_train_steps", "4", *keys)
+    )
+    assert torch.load(root / "last.ckpt", weights_only=True)["WebDataModule"]["batches_in_epoch"] == 4
+    args = ["--trainer.max_steps", "6", "--data.batch_size", "8", *keys, "--ckpt_path", "last"]
+    run_cli(fit_args(tok, pattern, root, *args))
+    second_epoch = [k for r in read_keys(root) if r["step"] > 4 for k in r["keys"]]
+    assert sorted(second_epoch) == [f"train_{i:06d}" for i in range(16)]
