@@ -43,11 +43,7 @@ LAUNCHERS = {"srun", "torchrun", "mpirun"}  # their own options come before `[py
 
 # README lines that fail today, by (command, subcommand, option): fixed in README, their entry is removed here.
 # Each is listed with the corrected line in /tmp/notes/cli_help.md.
-KNOWN_README_ERRORS = {
-    ("medclip-eval", "zeroshot", "--dataset"): "medclip-eval zeroshot takes --data (repeatable), not --dataset",
-    ("medclip-eval", "retrieval", "--shards"): "medclip-eval retrieval takes --data PATTERN, not --shards",
-    ("medclip-eval", "linear-probe", "--dataset"): "medclip-eval linear-probe takes --train and --test, not --dataset",
-}
+KNOWN_README_ERRORS: dict[tuple[str, str | None, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -12,24 +12,18 @@ from bench.faults import Plan, run_cases
 
 PLAN = Plan(per_shard=12)  # 2 x 12 samples, batch 4: 6 steps an epoch, 12 steps, a checkpoint every 3 steps
 
-# Rows that fail on the current code, one open bug each (strict: a fix turns them into XPASS, which fails until
-# the mark is removed).
-CHECKPOINT_AT_EPOCH_END_CRASHES = (
-    "a last.ckpt written at the end of a run whose last step closed an epoch (WebDataModule epoch+1, batch 0) "
-    "resumes into an empty epoch and stops with 'DataError: epoch N of data.train yielded no batch'"
+# Resumes from a checkpoint at an epoch's end: these rows failed before dab13bd (a periodic checkpoint at an epoch's
+# last step was taken for "the middle of the epoch", and a resume from a run that ended at an epoch's end stopped with
+# "DataError: epoch N of data.train yielded no batch").
+EPOCH_END_CASES = (
+    "batch size 4 -> 8, epoch end (periodic checkpoint)",
+    "batch size 4 -> 8, epoch end (run end)",
+    "3 more steps after the run end",
+    "SIGTERM at epoch end (every_n_train_steps 4)",
 )
-KNOWN_BUGS = {
-    "batch size 4 -> 8, epoch end (periodic checkpoint)": (
-        "the periodic checkpoint at an epoch's last step records batches_in_epoch = the whole epoch (6 of 6), so "
-        "the change of batch size is refused as 'in the middle of epoch 0 (24 samples trained on)'"
-    ),
-    "batch size 4 -> 8, epoch end (run end)": CHECKPOINT_AT_EPOCH_END_CRASHES,
-    "3 more steps after the run end": CHECKPOINT_AT_EPOCH_END_CRASHES,
-    "SIGTERM at epoch end (every_n_train_steps 4)": CHECKPOINT_AT_EPOCH_END_CRASHES,
-}
 
 
-ALL_CASES = {"reference", "trial 0", "trial 1", "concurrent run", "batch size 4 -> 8, mid-epoch", *KNOWN_BUGS}
+ALL_CASES = {"reference", "trial 0", "trial 1", "concurrent run", "batch size 4 -> 8, mid-epoch", *EPOCH_END_CASES}
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +59,6 @@ def test_a_second_run_in_a_busy_folder_and_a_batch_size_change_mid_epoch_are_ref
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "case",
-    # raises=AssertionError: a row missing (KeyError, the reference failed) is an error, not an expected failure.
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=why))
-        for c, why in KNOWN_BUGS.items()
-    ],
-)
+@pytest.mark.parametrize("case", EPOCH_END_CASES)
 def test_resumes_from_a_checkpoint_at_an_epoch_end(rows, case):
     assert rows[case]["outcome"] == "pass", rows[case]["notes"]
