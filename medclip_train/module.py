@@ -264,6 +264,8 @@ class CLIPModule(L.LightningModule):
                 # Summed over ranks, like samples_seen: the summary and the checkpoint are written by rank 0.
                 skipped = self.all_gather(skipped)
             self.skipped_samples += skipped.sum()
+        if "captions_at_context" in batch:
+            self._count_cut_captions(batch)
         self.log("train/loss", loss, prog_bar=True)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value)
@@ -274,6 +276,41 @@ class CLIPModule(L.LightningModule):
         self.log("train/skipped_steps", self.skipped_steps.float())
         if hasattr(self, "_last_grad_norm"):
             self.log("train/grad_norm", self._last_grad_norm)
+
+    # Captions longer than the text context are cut by the tokenizer without a word; the share is reported once,
+    # from the first TRUNCATION_SAMPLE captions, so that a too-short context is noticed at the start of a run.
+    TRUNCATION_SAMPLE = 256
+
+    def _count_cut_captions(self, batch: dict) -> None:
+        if getattr(self, "_cut_reported", False):
+            return
+        self._cut = getattr(self, "_cut", 0) + batch["captions_at_context"].sum()  # stays on the device: no sync
+        self._captions = getattr(self, "_captions", 0) + batch["image"].shape[0]
+        if self._captions >= self.TRUNCATION_SAMPLE and self._host_step():
+            self._report_cut_captions()
+
+    def _report_cut_captions(self, log: bool = True) -> None:
+        if getattr(self, "_cut_reported", False) or not getattr(self, "_captions", 0):
+            return
+        self._cut_reported = True
+        share = float(self._cut) / self._captions
+        if log:
+            self.log("train/captions_cut_share", share)
+        context = getattr(self.tokenizer, "context_length", None)
+        if self.trainer.is_global_zero:
+            advice = (
+                ": see their token lengths with `medclip-prep inspect SHARDS --tokenizer DIR --context-length "
+                f"{context}`, and raise model.clip.context_length if the text tower allows"
+            )
+            print(
+                f"{share:.1%} of the first {self._captions} training captions reach the text context ({context} "
+                f"tokens) and are cut{advice if share > 0.05 else ''}",
+                flush=True,
+            )
+
+    def on_train_end(self) -> None:
+        # A run shorter than TRUNCATION_SAMPLE captions reports what it saw (self.log is not allowed here).
+        self._report_cut_captions(log=False)
 
     def on_train_epoch_end(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

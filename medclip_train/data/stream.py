@@ -358,6 +358,8 @@ class _SampleReader:
     def _collate(self, items: list[tuple]) -> dict:
         images = torch.stack([it[0] for it in items])
         text = self.s.tokenizer([it[1] for it in items])
+        # A caption whose ids reach the last position of the padded context was cut (or fits it exactly).
+        at_context = int((text[:, -1] != self.s.pad_token_id).sum())
         if self.s.trim_padding:
             # Trailing pads are masked out in the text tower, so cutting them is exact and saves compute.
             lengths = (text != self.s.pad_token_id).sum(dim=1)
@@ -369,6 +371,7 @@ class _SampleReader:
             "key": [it[3] for it in items],
             "skipped": torch.tensor(self.skipped_since_batch),
             "read_retries": torch.tensor(self.retries_since_batch),
+            "captions_at_context": torch.tensor(at_context),
         }
         self.skipped_since_batch = 0
         self.retries_since_batch = 0

@@ -270,3 +270,16 @@ def test_batch_size_may_change_when_the_checkpoint_closed_an_epoch(tmp_path, sha
     run_cli(fit_args(tok, pattern, root, *args))
     second_epoch = [k for r in read_keys(root) if r["step"] > 4 for k in r["keys"]]
     assert sorted(second_epoch) == [f"train_{i:06d}" for i in range(16)]
+
+
+def test_training_reports_once_the_share_of_captions_cut_by_the_context(tmp_path, shards, tok, capsys):
+    """The test captions are 8-10 words: at a context of 6 tokens ([CLS], 4 words, [SEP]) every one is cut, and
+    the run says so once, with the command that shows their lengths."""
+    root = tmp_path / "run"
+    args = ["--trainer.max_steps", "2", *B4, "--model.clip.context_length", "6"]
+    run_cli(fit_args(tok, shards([8]), root, *args))
+    out = capsys.readouterr().out
+    assert out.count("training captions reach the text context (6 tokens) and are cut") == 1, out
+    assert "100.0% of the first 8" in out and "medclip-prep inspect" in out
+    run_cli(fit_args(tok, shards([8]), tmp_path / "run2", "--trainer.max_steps", "2", *B4))
+    assert "0.0% of the first 8 training captions" in capsys.readouterr().out
