@@ -57,7 +57,8 @@ class RunSummary(L.Callback):
         now = time.perf_counter()
         self.times.append(now)
         self.samples.append(batch["image"].shape[0] * trainer.world_size)
-        if len(self.times) >= 2:
+        # Logged on logging steps only: self.log turns a Python float into a host-to-device copy (a sync on CUDA).
+        if len(self.times) >= 2 and trainer._logger_connector.should_update_logs:
             window = min(len(self.times) - 1, 20)
             rate = sum(self.samples[-window:]) / max(now - self.times[-window - 1], 1e-9)
             pl_module.log("samples_per_s", rate, prog_bar=True, rank_zero_only=True)
