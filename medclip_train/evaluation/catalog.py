@@ -29,11 +29,11 @@ import numpy as np
 import yaml
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import pil_loader
 
 from medclip_train.evaluation.datasets import (
     ClassificationData,
     ImageFolderSource,
+    PathLabelDataset,
     _file_stamp,
     expand_shards,
     open_classification,
@@ -193,19 +193,7 @@ class CsvSource:
         return [self.kind, _file_stamp(self.path)] + [_file_stamp(p, self.path.parent) for p, _ in self.samples]
 
     def torch_dataset(self, transform) -> Dataset:
-        return _CsvDataset(self.path.parent, self.samples, transform)
-
-
-class _CsvDataset(Dataset):
-    def __init__(self, root: Path, samples: list, transform):
-        self.root, self.samples, self.transform = root, samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        return self.transform(pil_loader(str(path))), path.relative_to(self.root).as_posix(), label
+        return PathLabelDataset(self.path.parent, self.samples, transform)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading

@@ -58,10 +58,13 @@ class ImageFolderSource:
         return [self.kind, str(self.root.resolve())] + [_file_stamp(f, self.root) for f, _ in self.samples]
 
     def torch_dataset(self, transform) -> Dataset:
-        return _FolderDataset(self.root, self.samples, transform)
+        return PathLabelDataset(self.root, self.samples, transform)
 
 
-class _FolderDataset(Dataset):
+class PathLabelDataset(Dataset):
+    """Images listed as ``(path, label)`` under ``root``: yields the transformed image, its path relative to the root
+    (the feature cache's key) and its label."""
+
     def __init__(self, root: Path, samples: list, transform):
         self.root, self.samples, self.transform = root, samples, transform
 
