@@ -87,6 +87,8 @@ def test_sigterm_to_one_rank_or_all_stops_both_saves_once_and_resumes(tmp_path, 
     assert _wait(proc, tmp_path / "resume.log", timeout_s=400) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     summary = read_summary(root)
     assert summary["steps"] == MAX_STEPS and summary["checkpoint"]["step"] == MAX_STEPS
+    # The first part's metrics were moved aside once, by rank zero (every rank used to try).
+    assert (root / "metrics.part1.csv").is_file() and not (root / "metrics.part2.csv").exists()
     # The first epoch (6 steps) is completed exactly: no sample of it trained twice, none left out.
     first_epoch = [
         k
