@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 DEMO_RUN  ?= checkpoints/demo
 
-.PHONY: demo test install install-dev lint clean-demo
+.PHONY: demo test test-slow install install-dev lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/medclip-eval all --model $(DEMO_RUN)/last.ckpt --demo-data $(DEMO_DATA) \
 		--output $(DEMO_RUN)/eval --summary $(DEMO_RUN)/summary.json
 
+# The suite without the multi-process and end-to-end tests (marked slow): under 10 minutes on 2 cores.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# Real processes: DDP ranks, torchrun/SLURM launches, signals, fault injection, README's own-data block. CI runs both.
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m slow
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
