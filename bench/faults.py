@@ -64,6 +64,7 @@ from bench.common import REPO_ROOT, bench_env, busy_cpu_seconds, machine_info, m
 TINY_CONFIG = REPO_ROOT / "configs" / "test_tiny.yaml"
 KEY_RECORDER = "tests.training.conftest.KeyRecorder"
 SLOW_DOWN = "tests.training.conftest.SlowDown"
+WAIT_FOR_FILE = "tests.training.conftest.WaitForFile"
 KEYS_FILE = "keys-rank0.jsonl"
 OTHER_BATCH_SIZE = 8
 HEADERS = [
@@ -458,7 +459,12 @@ def run_concurrent(runner: Runner, ref_steps: dict[int, list[str]]) -> dict:
     plan, root = runner.plan, runner.work / "concurrent"
     t0 = time.perf_counter()
     failures = []
-    first, first_log = runner.start("concurrent-first", runner.args(root, every=10**6))
+    # The first run waits after its first step until the second has been refused: under load a 12-step run could
+    # otherwise end before the second one even starts, and the second would then rightly find the folder free.
+    release = runner.work / "concurrent.release"
+    hold = {"class_path": WAIT_FOR_FILE, "init_args": {"path": str(release), "at_step": 1}}
+    first_args = [*runner.args(root, every=10**6), "--trainer.callbacks+", json.dumps(hold)]
+    first, first_log = runner.start("concurrent-first", first_args)
     second_rc = second_s = None
     try:
         if wait_for_step(first, root / KEYS_FILE, 1, plan.timeout(1)) is None:
@@ -480,6 +486,7 @@ def run_concurrent(runner: Runner, ref_steps: dict[int, list[str]]) -> dict:
             if (root / "config.yaml").read_text() != config_before:
                 failures.append("the second run rewrote config.yaml")
     finally:
+        release.touch()
         first_rc = finish(first, plan.timeout(plan.max_steps))
     if first_rc != 0:
         failures.append(f"first run: exit {first_rc} (log {first_log})")

@@ -46,6 +46,23 @@ class SlowDown(L.Callback):
         time.sleep(self.delay_s)
 
 
+class WaitForFile(L.Callback):
+    """After ``at_step`` steps, waits until ``path`` exists (at most ``timeout_s``): a test can then act on a run
+    that is certainly still running, however loaded the machine, and let it go on by creating the file."""
+
+    def __init__(self, path: str, at_step: int = 1, timeout_s: float = 300.0):
+        self.path, self.at_step, self.timeout_s = path, at_step, timeout_s
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        if trainer.global_step != self.at_step:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 class NaNLoss(L.Callback):
     """Makes the loss NaN at the given global steps (all steps if ``steps`` is None), as an fp16 overflow would.
 
