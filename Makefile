@@ -33,7 +33,7 @@ test: $(VENV)/.installed-dev
 
 # Real processes: DDP ranks, torchrun/SLURM launches, signals, fault injection, README's own-data block. CI runs both.
 test-slow: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
