@@ -9,18 +9,20 @@ import torch
 from medclip_train.config import OptimConfig
 
 
-def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    # Biases, norm gains, embeddings (token, position, cls) and the logit scale: decaying them only hurts.
-    lowered = name.lower()
-    return (
-        param.ndim < 2
-        or "bias" in lowered
-        or "norm" in lowered
-        or "embed" in lowered
-        or "cls_token" in lowered
-        or "logit_scale" in lowered
-        or "logit_bias" in lowered
-    )
+def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that must not decay: every one with fewer than two dimensions (biases, norm gains, the logit
+    scale and bias) and those a submodule names in its own ``no_weight_decay()`` (timm's ViT: ``pos_embed``,
+    ``cls_token``), as open_clip, timm and nanoGPT decide.
+
+    Matching names by substrings ("embed", "norm") would also exempt the patch-embedding kernel, a convolution
+    that should decay like any other weight.
+    """
+    names = {name for name, param in model.named_parameters() if param.ndim < 2}
+    for prefix, module in model.named_modules():
+        own = getattr(module, "no_weight_decay", None)
+        if callable(own):
+            names |= {f"{prefix}.{n}" if prefix else n for n in own()}
+    return names
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -29,12 +31,13 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     The text projection is new in every CLIP model, so it learns at ``lr`` with the image side.
     """
     text_lr = cfg.lr if cfg.text_lr is None else cfg.text_lr
+    no_decay = no_weight_decay_names(model)
     groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_text = name.startswith("text.transformer.")
-        groups.setdefault((is_text, _no_weight_decay(name, param)), []).append(param)
+        groups.setdefault((is_text, name in no_decay), []).append(param)
     out = []
     for (is_text, no_wd), params in sorted(groups.items()):
         out.append(

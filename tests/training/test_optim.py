@@ -32,3 +32,31 @@ def test_adamw_kernel_on_cpu(tiny_tokenizer_dir, precision, fused, expected):
     assert bool(optimizer.defaults["foreach"]) is not expected
     moved = [n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) > len(before) // 2, "the step must update the weights"
+
+
+def test_weight_decay_groups_of_the_biomedclip_preset():
+    """Which parameters decay, for BiomedCLIP's architecture (built offline from the shipped PubMedBERT config):
+    every weight of two or more dimensions, the patch-embedding kernel and the text embeddings included, but timm's
+    own ``no_weight_decay()`` names (position embedding, class token); nothing of fewer than two dimensions."""
+    from open_clip import CustomTextCLIP
+
+    from medclip_train.model.presets import get_preset, resolve_hf_name
+    from medclip_train.optim import param_groups
+
+    cfg = get_preset("biomedclip_vit_b16_pubmedbert256")["model_cfg"]
+    cfg["text_cfg"].update(hf_model_name=resolve_hf_name("builtin:pubmedbert-base"), hf_model_pretrained=False)
+    model = CustomTextCLIP(**cfg, output_dict=True)
+    groups = param_groups(model, OptimConfig(lr=1e-3, text_lr=1e-4, weight_decay=0.2))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name_of[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    kept = {name_of[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    params = dict(model.named_parameters())
+    exempt_by_timm = {"visual.trunk.pos_embed", "visual.trunk.cls_token"}
+    assert decayed == {n for n, p in params.items() if p.ndim >= 2} - exempt_by_timm
+    assert kept == {n for n, p in params.items() if p.ndim < 2} | exempt_by_timm
+    assert {"visual.trunk.patch_embed.proj.weight", "text.transformer.embeddings.word_embeddings.weight"} <= decayed
+    assert {"logit_scale", "visual.trunk.norm.weight", "text.transformer.encoder.layer.0.output.dense.bias"} <= kept
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == {"image": 1e-3, "image_no_wd": 1e-3, "text": 1e-4, "text_no_wd": 1e-4}
+    text_params = {name_of[id(p)] for g in groups if g["name"].startswith("text") for p in g["params"]}
+    assert text_params == {n for n in params if n.startswith("text.transformer.")}
