@@ -17,14 +17,23 @@ from tqdm import tqdm
 
 from medclip_train.evaluation.catalog import Catalog, CatalogEntry, load_catalog
 from medclip_train.evaluation.errors import EvalInputError
+from medclip_train.evaluation.feature_maps import analyse_dataset, analyse_modalities, subset_for_map
 from medclip_train.evaluation.feature_probes import cross_validated_probes, few_shot_probes, format_mean_std
 from medclip_train.evaluation.features import Encoder, FeatureCache
 from medclip_train.evaluation.metrics import BOOTSTRAP_MAX_N, BOOTSTRAP_RESAMPLES
-from medclip_train.evaluation.report import format_interval, format_value, markdown_table, write_csv, write_json
+from medclip_train.evaluation.report import (
+    format_interval,
+    format_value,
+    markdown_table,
+    safe_name,
+    write_csv,
+    write_json,
+)
 from medclip_train.evaluation.zeroshot import evaluate_zeroshot
 
 ZEROSHOT_METRICS = ("top1", "balanced_acc", "macro_f1", "auroc")
 PROBE_METRICS = ("accuracy", "macro_f1")
+FEATURE_METRICS = ("silhouette", "knn_purity")
 
 
 def model_labels(specs: list[str]) -> list[str]:
@@ -56,6 +65,7 @@ def run_suite(args) -> int:
     output = Path(args.output)
     cache = FeatureCache(args.cache_dir or output / "feature_cache")
     results: dict[str, dict[str, dict]] = {label: {} for label in labels}
+    modality_maps: dict[str, list[str]] = {}
     with tqdm(total=len(labels) * len(present), desc="suite", unit="dataset", disable=args.no_progress) as bar:
         for spec, label in zip(args.models, labels):
             loaded = load_for_eval(spec, args.pretrained, args.device, args.trust_remote_code)
@@ -68,14 +78,21 @@ def run_suite(args) -> int:
                 workers=args.workers,
                 cache=cache,
             )
+            map_parts = []
             for entry in present:
                 bar.set_postfix_str(f"{label} / {entry.name}")
-                results[label][entry.name] = evaluate_dataset(encoder, opened[entry.name], entry, catalog, args)
+                results[label][entry.name] = evaluate_dataset(
+                    encoder, opened[entry.name], entry, catalog, args, label, map_parts
+                )
                 bar.update()
+            if len(map_parts) > 1 and any(p["modality"] for p in map_parts):
+                title = f"{label}: image features of {len(map_parts)} datasets"
+                plots = analyse_modalities(map_parts, title, f"map_{safe_name(label)}_modality", output / "plots")
+                modality_maps[label] = [f"plots/{p}" for p in plots]
             del encoder, loaded
     rows = comparison_rows(results, present, labels)
     write_csv(output / "results.csv", csv_rows(rows, labels))
-    report = report_markdown(rows, labels, skipped, results, catalog)
+    report = report_markdown(rows, labels, skipped, results, catalog, modality_maps)
     (output / "report.md").write_text(report + "\n")
     write_json(
         output / "results.json",
@@ -86,6 +103,7 @@ def run_suite(args) -> int:
             "models": dict(zip(labels, args.models)),
             "settings": vars(catalog.settings),
             "results": results,
+            "modality_maps": modality_maps,
             "skipped": skipped,
         },
     )
@@ -100,8 +118,13 @@ def open_entry(entry: CatalogEntry, data_root):
         raise EvalInputError(f"catalog dataset {entry.name}: {err}") from err
 
 
-def evaluate_dataset(encoder: Encoder, data, entry: CatalogEntry, catalog: Catalog, args) -> dict:
-    """Every task of ``entry`` on features encoded once (the zero-shot call reads them back from the cache)."""
+def evaluate_dataset(
+    encoder: Encoder, data, entry: CatalogEntry, catalog: Catalog, args, label: str = "", map_parts=None
+) -> dict:
+    """Every task of ``entry`` on features encoded once (the zero-shot call reads them back from the cache).
+
+    ``map_parts`` collects each dataset's (subset of) features for the model's map coloured by modality.
+    """
     settings = catalog.settings
     encoded = encoder.images(data.source, args.max_samples, desc=entry.name)
     labelled = data.targets(encoded.metas)
@@ -109,11 +132,21 @@ def evaluate_dataset(encoder: Encoder, data, entry: CatalogEntry, catalog: Catal
     if "zeroshot" in entry.tasks:
         result = evaluate_zeroshot(encoder, data, max_samples=args.max_samples, bootstrap=args.bootstrap)
         out["zeroshot"] = {k: v for k, v in result.items() if k not in ("prompts",)}
-    needs_probe = {"probe_cv", "few_shot"} & set(entry.tasks)
+    needs_probe = {"probe_cv", "few_shot", "feature_map"} & set(entry.tasks)
     if needs_probe and labelled.multilabel:
-        out["probe_note"] = "multi-label data: the probes need one class per image"
+        out["probe_note"] = "multi-label data: the probes and feature maps need one class per image"
         return out
     features = encoded.features[torch.as_tensor(labelled.indices)].numpy()
+    if "feature_map" in entry.tasks:
+        names = class_display_names(data, labelled.classes)
+        stem = f"map_{safe_name(label)}_{safe_name(entry.name)}"
+        title = f"{label} on {entry.name}" + (f" ({entry.modality})" if entry.modality else "")
+        plots = Path(args.output) / "plots"
+        out["feature_map"] = analyse_dataset(features, labelled.targets, names, title, stem, plots, settings.seed)
+        out["feature_map"]["plots"] = [f"plots/{p}" for p in out["feature_map"]["plots"]]
+        if map_parts is not None:
+            chosen = subset_for_map(len(features), settings.seed)
+            map_parts.append({"dataset": entry.name, "modality": entry.modality, "features": features[chosen]})
     if "probe_cv" in entry.tasks:
         out["probe_cv"] = cross_validated_probes(
             features, labelled.targets, len(labelled.classes), settings.folds, settings.knn_k, settings.seed
@@ -124,6 +157,14 @@ def evaluate_dataset(encoder: Encoder, data, entry: CatalogEntry, catalog: Catal
             features, labelled.targets, names, settings.shots, settings.folds, settings.seed
         )
     return out
+
+
+def class_display_names(data, classes: list[str]) -> list[str]:
+    """The prompt set's class names (CLIP_benchmark's ids are "0", "1"), else the class ids."""
+    prompts = data.prompts
+    if prompts is not None and prompts.classes == classes:
+        return list(prompts.classnames)
+    return list(classes)
 
 
 # ---------------------------------------------------------------------------------------------------------- tables
@@ -151,6 +192,12 @@ def comparison_rows(results: dict[str, dict[str, dict]], present: list[CatalogEn
                 for metric in PROBE_METRICS:
                     cells = {label: r["probe_cv"]["probes"][probe][metric] for label, r in per_model.items()}
                     rows.append(_row(entry.name, task, metric, cv["chance"][metric], cells))
+        if "feature_map" in first:
+            fm = first["feature_map"]
+            for metric in FEATURE_METRICS:
+                cells = {label: {"value": r["feature_map"][metric]} for label, r in per_model.items()}
+                task = f"feature map (cosine, k={fm['knn_purity_k']})"
+                rows.append(_row(entry.name, task, metric, fm["chance"][metric], cells))
         if "few_shot" in first:
             chance = (first.get("probe_cv") or {}).get("chance") or {}
             for k, shot in first["few_shot"].items():
@@ -189,7 +236,9 @@ def csv_rows(rows: list[dict], labels: list[str]) -> list[dict]:
     return out
 
 
-def report_markdown(rows: list[dict], labels: list[str], skipped: list[dict], results: dict, catalog) -> str:
+def report_markdown(
+    rows: list[dict], labels: list[str], skipped: list[dict], results: dict, catalog, modality_maps=None
+) -> str:
     table_rows = [
         {"dataset": r["dataset"], "task": r["task"], "metric": r["metric"], "chance": r["chance"]}
         | {label: _cell_text(r["cells"].get(label)) for label in labels}
@@ -201,8 +250,21 @@ def report_markdown(rows: list[dict], labels: list[str], skipped: list[dict], re
         "",
         "zero-shot: value [95% bootstrap interval] over the test images (for up to "
         f"{BOOTSTRAP_MAX_N} images); probes: mean ± std over stratified folds (seed {settings.seed}); "
-        "chance: the score of a model that ignores the image.",
+        "chance: the score of a model that ignores the image. Feature map: cosine silhouette score (chance 0) and kNN "
+        "purity, the share of each image's k nearest neighbours with its class (chance: the sum of squared class "
+        "shares).",
     ]
+    maps = [
+        f"- {label} / {dataset}: " + ", ".join(f"[{Path(p).stem}]({p})" for p in r["feature_map"]["plots"])
+        for label, per_dataset in results.items()
+        for dataset, r in per_dataset.items()
+        if "feature_map" in r
+    ] + [
+        f"- {label} / all datasets: " + ", ".join(f"[{Path(p).stem}]({p})" for p in plots)
+        for label, plots in (modality_maps or {}).items()
+    ]
+    if maps:
+        lines += ["", "Feature maps (coloured by class; over all datasets, by modality):", *maps]
     notes = [
         f"- {dataset} / {label}: few-shot {k}/class skipped: {shot['skipped']}"
         for label, per_dataset in results.items()

@@ -86,8 +86,9 @@ def catalog(tmp_path_factory) -> Path:
                 "path": "medmnist/breastmnist.npz",
                 "classes": ["malignant", "normal_benign"],
                 "prompts": "medmnist_breastmnist",
+                "modality": "ultrasound",
             },
-            {"name": "organs", "layout": "imagefolder", "path": "organs"},
+            {"name": "organs", "layout": "imagefolder", "path": "organs", "modality": "histology"},
             {"name": "pcam", "layout": "clip_benchmark", "path": "wds_pcam", "prompts": "pcam"},
         ],
     }
@@ -232,3 +233,42 @@ def test_csv_layout_and_excluded_mask_files(tmp_path):
     assert [(p.name, c) for p, c in table_source.samples] == [(f.name, c) for f, c in opened.source.samples]
     with pytest.raises(Exception, match=r"labels.csv:5: label 'normal' is not one of the classes \['benign'\]"):
         bad.open(tmp_path)
+
+
+def organ_features(model: Path, data_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The organs images encoded here, outside the suite: class folders brain < lymph, files sorted in each."""
+    from medclip_train.model.loading import load_model
+
+    loaded = load_model(str(model), device="cpu")
+    files = sorted((data_root / "organs").glob("*/*.png"))
+    labels = np.array([0 if f.parent.name == "brain" else 1 for f in files])
+    batch = torch.stack([loaded.preprocess(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        return loaded.model.eval().encode_image(batch, normalize=True).float().numpy(), labels
+
+
+def test_feature_maps_silhouette_and_purity_in_every_output(suite, models, data_root):
+    from sklearn.metrics import silhouette_score
+
+    features, labels = organ_features(models[0], data_root)
+    fm = suite["json"]["results"]["model_1"]["organs"]["feature_map"]
+    assert fm["silhouette"] == pytest.approx(silhouette_score(features, labels, metric="cosine"), abs=1e-6)
+    assert fm["knn_purity_k"] == 10 and fm["chance"]["knn_purity"] == pytest.approx(0.5)  # 6 + 6 images
+    with (suite["out"] / "results.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["task"].startswith("feature map")]
+    assert {(r["dataset"], r["metric"]) for r in rows} == {
+        (d, m) for d in ("breastmnist", "organs") for m in ("silhouette", "knn_purity")
+    }
+    report = (suite["out"] / "report.md").read_text()
+    assert "| organs | feature map (cosine, k=10) | knn_purity | 0.5000 |" in report
+    maps = [f"plots/map_{m}_{d}_tsne.png" for m in ("model_1", "model_2") for d in ("breastmnist", "organs")]
+    for link in maps:
+        assert f"({link})" in report
+        with Image.open(suite["out"] / link) as image:
+            assert image.format == "PNG" and min(image.size) >= 300
+
+
+def test_a_map_over_all_datasets_is_coloured_by_modality(suite):
+    assert suite["json"]["modality_maps"]["model_1"] == ["plots/map_model_1_modality_tsne.png"]
+    with Image.open(suite["out"] / "plots/map_model_1_modality_tsne.png") as image:
+        assert image.format == "PNG"
