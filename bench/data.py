@@ -98,7 +98,7 @@ def measure_ours(shards: str, tokenizer: str, workers: int, batches: int, warmup
     from open_clip.tokenizer import HFTokenizer
 
     from medclip_train.data.datamodule import WebDataModule
-    from medclip_train.model.presets import get_preset
+    from medclip_train.presets import get_preset
 
     dm = WebDataModule(train=shards, batch_size=BATCH_SIZE, num_workers=workers, shuffle_buffer=1000)
     preprocess = get_preset("bench_cpu_vit_tiny_bert_mini")["preprocess_cfg"]

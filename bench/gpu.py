@@ -132,7 +132,7 @@ def main(argv: list[str]) -> None:
         from bench.common import matmul_rates
 
         rates = matmul_rates()
-    from medclip_train.model.presets import get_preset
+    from medclip_train.presets import get_preset
 
     context = get_preset(a.preset)["model_cfg"]["text_cfg"]["context_length"]  # open_clip pads every caption to it
     text_len = mean_batch_text_length(data["shards"], data["tokenizer"], context, batch_size=a.batch_size)

@@ -96,7 +96,7 @@ def steady_rate(step_times: list[float], warmup: int, batch_size: int = BATCH_SI
 # ---- model: open_clip config and FLOPs -----------------------------------------------------------------------------
 def open_clip_model_json(tokenizer: str, folder: Path, preset: str = PRESET, text_model: str | None = None) -> Path:
     """The preset as an open_clip model config file (stem = model name), absolute paths for the HF parts."""
-    from medclip_train.model.presets import get_preset, resolve_hf_name
+    from medclip_train.presets import get_preset, resolve_hf_name
 
     cfg = get_preset(preset)["model_cfg"]
     text = text_model or cfg["text_cfg"]["hf_model_name"]

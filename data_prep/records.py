@@ -225,11 +225,6 @@ def hashed_split(group: str, seed: int, val_fraction: float, test_fraction: floa
     return "train"
 
 
-def slug(name: str) -> str:
-    """Folder-safe lower-case name: ``"normal, benign"`` -> ``"normal_benign"``."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "unnamed"
-
-
 def read_jsonl_rows(path: Path, source: str):
     """Yield ``(line_number, row_dict)`` or a :class:`Rejection` for each non-blank line of a JSONL file.
 

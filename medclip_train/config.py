@@ -10,7 +10,7 @@ class ModelConfig:
     """What CLIP model to build. Field names are the YAML keys under ``model.clip`` (flags ``--model.clip.*``)."""
 
     preset: str = "tiny"
-    """Towers, sizes and image preprocessing: a key of ``PRESETS`` in medclip_train/model/presets.py (``tiny``,
+    """Towers, sizes and image preprocessing: a key of ``PRESETS`` in medclip_train/presets.py (``tiny``,
     ``biomedclip_vit_b16_pubmedbert256`` ...)."""
     tokenizer: str | None = None
     """HF tokenizer name or local folder; default: the preset's (tiny presets have none and need one)."""
@@ -48,7 +48,7 @@ class ModelConfig:
     """Passed to Hugging Face loaders; off unless a config says so."""
 
     def __post_init__(self):
-        from medclip_train.model.presets import PRESETS
+        from medclip_train.presets import PRESETS
 
         if self.preset not in PRESETS:
             raise ValueError(f"model.clip.preset: unknown preset {self.preset!r}; known: {sorted(PRESETS)}")

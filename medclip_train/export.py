@@ -18,24 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from medclip_train.model.presets import BUILTIN_PREFIX, resolve_hf_name
-
-EXPORT_MARKER = "medclip_export.json"
-"""Written last into every export: recognises an earlier export (which may be replaced) and lists its files."""
-EXPORT_FORMAT = "medclip-export"
+from medclip_train.model.export_marker import EXPORT_FORMAT, EXPORT_MARKER, read_export_marker
+from medclip_train.presets import BUILTIN_PREFIX, resolve_hf_name
 
 
 def _is_hub_id(name: str) -> bool:
     return bool(name) and not name.startswith(BUILTIN_PREFIX) and not Path(name).exists() and name.count("/") == 1
-
-
-def read_export_marker(folder: Path) -> dict | None:
-    """The marker of an earlier export in ``folder``, or ``None`` when the folder holds none (or a broken one)."""
-    try:
-        marker = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("format") == EXPORT_FORMAT else None
 
 
 def check_output_folder(out: Path, overwrite: bool = False) -> dict | None:

@@ -17,6 +17,8 @@ import re
 
 import torch
 
+from medclip_train.data.position import finished_epoch_moved_on, mid_epoch_message
+
 # Fields of the model config that define what the weights mean (hyper_parameters["clip"] of the checkpoint).
 MODEL_FIELDS = ("preset", "tokenizer", "text_model", "context_length", "embed_dim")
 # Fields of the data config that define the epoch plan, as stored in the data module's state (its "layout").
@@ -99,8 +101,6 @@ def check_resume(state: dict, model_clip, data, allowed: list[str]) -> list[str]
             now = _train_sources(data_now.get("train")) if field == "train" else data_now.get(field)
             if layout[field] != now:
                 changes.append((f"data.{field}", layout[field], now))
-        from medclip_train.data.datamodule import finished_epoch_moved_on
-
         mid_epoch = finished_epoch_moved_on(state["data"]).get("batches_in_epoch", 0) > 0
         if mid_epoch:
             for field in LAYOUT_FIELDS:
@@ -115,13 +115,3 @@ def check_resume(state: dict, model_clip, data, allowed: list[str]) -> list[str]
             )
         kept.append(f"{name}: {before!r} -> {now!r}")
     return kept
-
-
-def mid_epoch_message(name: str, before, now, state: dict) -> str:
-    data = state["data"]
-    return (
-        f"{name}: the checkpoint stopped in the middle of epoch {data.get('epoch', 0)} "
-        f"({data.get('samples_in_epoch', '?')} samples trained on) with {name}={before!r}; this run has {now!r}, "
-        f"which cannot continue that epoch exactly (each worker's share of the epoch depends on it). Resume with "
-        f"{name}={before!r} and change it at an epoch boundary"
-    )

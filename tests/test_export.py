@@ -116,7 +116,7 @@ def test_open_clip_folder_is_imported_and_training_starts_from_it(tmp_path, tiny
     from safetensors.torch import save_file
 
     from medclip_train.model.factory import resolve_open_clip_cfg
-    from medclip_train.model.presets import resolve_hf_name
+    from medclip_train.presets import resolve_hf_name
 
     # An open_clip folder made with open_clip itself: its own model class, weights and config layout.
     model_cfg, preprocess_cfg = resolve_open_clip_cfg(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
@@ -262,7 +262,7 @@ def test_export_with_a_hub_id_loads_anywhere_with_open_clip(trained_ckpt, tmp_pa
 
 def _remote_code_tower(folder: Path, marker: Path, model_type: str = "bert") -> Path:
     """The tiny BERT config, with an ``auto_map`` to a module of the folder that leaves ``marker`` when imported."""
-    from medclip_train.model.presets import HF_CONFIG_DIR
+    from medclip_train.presets import HF_CONFIG_DIR
 
     folder.mkdir(parents=True)
     config = json.loads((HF_CONFIG_DIR / "bert-tiny" / "config.json").read_text())

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from medclip_train.config import ModelConfig
 from medclip_train.model import PRESETS, build_model, get_preset
 from medclip_train.model.factory import validate_model_config
-from medclip_train.model.presets import OPENAI_MEAN, OPENAI_STD, PUBMEDBERT
+from medclip_train.presets import OPENAI_MEAN, OPENAI_STD, PUBMEDBERT
 
 BIOMEDCLIP = "biomedclip_vit_b16_pubmedbert256"
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from medclip_train.data.labels import LabelVocab
 from medclip_train.data.pixels import pixels_transform
+from medclip_train.data.position import finished_epoch_moved_on, mid_epoch_message
 from medclip_train.data.sources import ShardSource, check_local_shards_exist, read_label_counts, shard_sizes
 from medclip_train.data.stream import ShardStream, StreamSpec
 from medclip_train.distributed import world_info
@@ -272,8 +273,6 @@ class WebDataModule(L.LightningDataModule):
         saved_world = (state.get("layout") or {}).get("world_size")
         _, world_size = world_info()
         if state.get("batches_in_epoch", 0) > 0 and saved_world not in (None, world_size):
-            from medclip_train.resume import mid_epoch_message
-
             raise ValueError(
                 mid_epoch_message(
                     "world size (trainer.devices x trainer.num_nodes)", saved_world, world_size, {"data": state}
@@ -290,14 +289,6 @@ class WebDataModule(L.LightningDataModule):
                     f"does not match the checkpoint's ({len(saved)} labels); resume with the same data and top-K"
                 )
             self.vocab = saved
-
-
-def finished_epoch_moved_on(state: dict) -> dict:
-    """The data state with a fully consumed epoch (batches_in_epoch == batches_planned) as the start of the next."""
-    planned = state.get("batches_planned")
-    if planned and state.get("batches_in_epoch", 0) >= planned:
-        state = {**state, "epoch": state.get("epoch", 0) + 1, "batches_in_epoch": 0, "samples_in_epoch": 0}
-    return state
 
 
 def _cuda() -> bool:

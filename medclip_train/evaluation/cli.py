@@ -15,6 +15,7 @@ from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.features import Encoder, FeatureCache
 from medclip_train.evaluation.linear_probe import evaluate_linear_probe
 from medclip_train.evaluation.metrics import BOOTSTRAP_MAX_N, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, scalar_metrics
+from medclip_train.evaluation.model_source import load_for_eval
 from medclip_train.evaluation.report import (
     format_interval,
     long_rows,
@@ -46,20 +47,6 @@ PER_CLASS_COLUMNS = ["task", "class", "support", "prevalence", "precision", "rec
 PER_CLASS_MULTILABEL_COLUMNS = ["task", "class", "support", "prevalence", "ap", "auroc"]
 RETRIEVAL_METRICS = {"R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "mean_rank": "mean rank", "median_rank": "median rank"}
 RETRIEVAL_COLUMNS = ["split", "direction", "queries", "metric", *FIGURE_COLUMNS]
-
-
-def load_for_eval(source: str, pretrained: str | None, device: str, trust_remote_code: bool = False):
-    """``model.loading.load_model`` (imported here: it is heavy and the CLI's ``--help`` should not need it).
-
-    ``trust_remote_code`` is the ``--trust-remote-code`` flag only: nothing read from the model source turns it on.
-    """
-    from medclip_train.model.loading import load_model
-
-    try:
-        return load_model(source, device=device, pretrained=pretrained, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError) as err:  # unreadable checkpoint, unknown name, missing folder
-        message = str(err)
-        raise EvalInputError(message if message.startswith("--model") else f"--model {source}: {message}") from err
 
 
 def make_encoder(args) -> tuple[Encoder, str]:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, pil_loader
 
-from data_prep.records import slug
+from medclip_train.data.class_folders import slug
 from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.prompts import PromptSet, default_prompt_set, load_prompt_set, parse_prompt_set
 

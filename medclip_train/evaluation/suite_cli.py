@@ -51,7 +51,7 @@ def model_labels(specs: list[str]) -> list[str]:
 
 
 def run_suite(args) -> int:
-    from medclip_train.evaluation.cli import load_for_eval  # cli imports this module for its parser
+    from medclip_train.evaluation.model_source import load_for_eval
 
     catalog = load_catalog(args.catalog)
     present = [e for e in catalog.datasets if e.is_present(args.data_root)]

@@ -12,7 +12,7 @@ from open_clip.model import CustomTextCLIP
 from open_clip.tokenizer import HFTokenizer
 
 from medclip_train.config import ModelConfig
-from medclip_train.model.presets import get_preset, resolve_hf_name
+from medclip_train.presets import get_preset, resolve_hf_name
 
 
 @dataclass
@@ -163,7 +163,7 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
         name = model_cfg["text_cfg"]["hf_model_name"]
         raise FileNotFoundError(_missing_hf_message("model.clip.text_model", name, "model weights")) from err
     if cfg.init_from:
-        from medclip_train.model.loading import load_clip_weights
+        from medclip_train.model.weights import load_clip_weights
 
         load_clip_weights(model, cfg.init_from)
     apply_locks(model, cfg)

@@ -22,7 +22,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import LinearSVC
 
 from data_prep.medmnist import LABELS
-from data_prep.records import slug
+from medclip_train.data.class_folders import slug
 from medclip_train.evaluation import cli
 from medclip_train.evaluation.catalog import load_catalog
 from medclip_train.evaluation.prompts import load_prompt_set

@@ -40,7 +40,7 @@ def test_weight_decay_groups_of_the_biomedclip_preset():
     own ``no_weight_decay()`` names (position embedding, class token); nothing of fewer than two dimensions."""
     from open_clip import CustomTextCLIP
 
-    from medclip_train.model.presets import get_preset, resolve_hf_name
+    from medclip_train.presets import get_preset, resolve_hf_name
     from medclip_train.optim import param_groups
 
     cfg = get_preset("biomedclip_vit_b16_pubmedbert256")["model_cfg"]

@@ -305,7 +305,8 @@ def project_checkpoint(module: CLIPModule, path: Path, **extra) -> Path:
 
 
 def test_checkpoint_with_a_pickled_object_is_refused_and_its_code_never_runs(tmp_path, tiny_module):
-    from medclip_train.model.loading import load_clip_weights, load_model
+    from medclip_train.model.loading import load_model
+    from medclip_train.model.weights import load_clip_weights
 
     marker = tmp_path / "pwned"
     path = project_checkpoint(tiny_module, tmp_path / "evil.ckpt", extra=_Payload(str(marker)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-HF_CONFIG_DIR = Path(__file__).parent / "hf_configs"
+HF_CONFIG_DIR = Path(__file__).parent / "model" / "hf_configs"
 BUILTIN_PREFIX = "builtin:"
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
