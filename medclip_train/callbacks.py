@@ -219,17 +219,63 @@ def _last_checkpoint(trainer) -> dict | None:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step of a run that ends normally.
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step of a run that ends normally, and that
+    mirrors the run to ``remote_dir`` (object storage) when one is given.
 
     Lightning writes ``last.ckpt`` at train end only when no last checkpoint was written during the run, so with
     ``max_steps`` not a multiple of ``every_n_train_steps`` the steps after the last periodic save were lost.
     """
+
+    def __init__(self, *args, remote_dir: str | None = None, **kwargs):
+        """
+        Args:
+            remote_dir: Also upload each checkpoint (once per step) to this fsspec URL (``s3://bucket/runs/NAME``),
+                then ``latest.json`` naming it, then ``config.yaml``, ``metrics*.csv`` and ``summary.json``;
+                ``--ckpt_path last`` resumes from there when it is newer than the local run folder.
+        """
+        super().__init__(*args, **kwargs)
+        self.remote_dir = remote_dir
+        self._remote = None
+        self._uploaded_step: int | None = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_end(trainer, pl_module)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # The step checkpoint and last.ckpt of one step hold the same state: one upload per step.
+        if self.remote_dir and trainer.is_global_zero and self._uploaded_step != trainer.global_step:
+            self._uploaded_step = trainer.global_step
+            self._sync(trainer, filepath)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # After on_fit_end, so summary.json is written; loggers are finalised after this hook, so flushed here.
+        if self.remote_dir and trainer.is_global_zero and stage == "fit":
+            for logger in trainer.loggers:
+                logger.save()
+            self._sync(trainer, None)
+
+    def _sync(self, trainer, checkpoint: str | None) -> None:
+        """Upload ``checkpoint`` (then the manifest), then the run's small files. A failed upload is a warning:
+        the local checkpoint is whole, the remote manifest still names the previous complete one, and the next
+        checkpoint tries again."""
+        from medclip_train.data.sources import redact
+        from medclip_train.remote import RemoteRunDir
+
+        try:
+            self._remote = self._remote or RemoteRunDir(self.remote_dir)
+            if checkpoint is not None:
+                self._remote.upload_checkpoint(checkpoint, trainer.global_step)
+            self._remote.upload_run_files(trainer.default_root_dir)
+        except Exception as err:  # noqa: BLE001 - network, credentials, quota: training goes on
+            where = self._remote.where() if self._remote else "checkpoint.remote_dir"
+            what = f"step {trainer.global_step}" if checkpoint else "the run files"
+            print(
+                f"warning: {where}: upload of {what} failed ({type(err).__name__}: {redact(str(err))})", file=sys.stderr
+            )
 
 
 class Preemption(L.Callback):

@@ -28,6 +28,7 @@ from medclip_train.callbacks import (
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.distributed import launcher_num_nodes
 from medclip_train.module import CLIPModule
+from medclip_train.remote import resolve_last as resolve_remote_last
 from medclip_train.resume import check_resume, read_resume_state, resolve_checkpoint
 from medclip_train.run_dir import (
     RunFolderBusy,
@@ -162,6 +163,14 @@ class MedCLIPCLI(LightningCLI):
 
     def _prepare_run_folder(self, cfg, root: str) -> None:
         """Resume checks, then (on the launcher's rank zero only) the folder's lock and its tidying."""
+        rank_zero, locked = is_launcher_rank_zero(), False
+        remote_dir = cfg["checkpoint"].get("remote_dir")
+        if cfg.get("ckpt_path") == "last" and remote_dir:
+            # A newer remote checkpoint is downloaded into the run folder: by rank zero only once the folder is ours.
+            if rank_zero:
+                RunLock(root).acquire()
+                locked = True
+            cfg["ckpt_path"] = resolve_remote_last(remote_dir, cfg["checkpoint"]["dirpath"], rank_zero)
         ckpt = resolve_checkpoint(cfg.get("ckpt_path"), cfg["checkpoint"]["dirpath"])
         if ckpt is not None:
             state = read_resume_state(ckpt)
@@ -176,9 +185,10 @@ class MedCLIPCLI(LightningCLI):
             clip = model.get("clip") if model is not None else None
             for change in check_resume(state, clip, cfg.get("data"), cfg.get("resume_allow_changed")):
                 print(f"warning: resuming with a changed setting (--resume_allow_changed): {change}", file=sys.stderr)
-        if not is_launcher_rank_zero():
+        if not rank_zero:
             return
-        RunLock(root).acquire()
+        if not locked:
+            RunLock(root).acquire()
         for name in remove_stale_checkpoint_temporaries(cfg["checkpoint"]["dirpath"]):
             print(f"removed {name}: a checkpoint write interrupted by an earlier run's crash", file=sys.stderr)
         if cfg.get("ckpt_path"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,8 @@ def local_s3(monkeypatch):
     # fsspec caches filesystems by their arguments, not by the environment: one of an earlier test's server would
     # be reused with its dead endpoint.
     s3fs.S3FileSystem.clear_instance_cache()
+    # moto keeps its buckets in module-level state, shared by every server of this process: start empty.
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=30).close()
     fs = s3fs.S3FileSystem(endpoint_url=url, key=ACCESS_KEY, secret=SECRET_KEY, skip_instance_cache=True)
     fs.mkdir(BUCKET)
     server.fs, server.bucket, server.url = fs, BUCKET, url
