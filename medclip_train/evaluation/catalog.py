@@ -11,7 +11,7 @@ A catalog is YAML (``configs/eval/medical.yaml`` ships the public medical sets):
         classes: [malignant, normal_benign]   # npz, csv: class ids in label-index order
         prompts: medmnist_breastmnist # a set of configs/prompts/ or a prompt file
         modality: ultrasound
-        tasks: [zeroshot, probe_cv, few_shot, feature_map]   # default: all of them
+        tasks: [zeroshot, probe_cv, few_shot, feature_map, overlay]   # default: all of them
 
 A dataset whose path is absent under ``--data-root`` is reported as skipped (with the path looked for), so one
 catalog serves users who hold only some of the sets.
@@ -42,7 +42,7 @@ from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.prompts import load_prompt_set
 
 LAYOUTS = ("imagefolder", "medmnist_npz", "csv", "clip_benchmark", "shards")
-TASKS = ("zeroshot", "probe_cv", "few_shot", "feature_map")
+TASKS = ("zeroshot", "probe_cv", "few_shot", "feature_map", "overlay")
 CATALOG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 """Catalogs shipped with the project, addressable by file stem (``--catalog medical``)."""
 

@@ -112,8 +112,13 @@ class Encoder:
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
 
-    def images(self, source, max_samples: int | None = None, desc: str = "images") -> EncodedImages:
-        """Encode every image of ``source`` (first ``max_samples`` only if given), from the cache when possible."""
+    def images(
+        self, source, max_samples: int | None = None, desc: str = "images", kind: str = "images"
+    ) -> EncodedImages:
+        """Encode every image of ``source`` (first ``max_samples`` only if given), from the cache when possible.
+
+        ``kind`` names the cache files (``overlay``: the text-overlay probe's altered images).
+        """
         key = None
         if self.cache is not None:
             key = FeatureCache.key(
@@ -122,12 +127,12 @@ class Encoder:
                 preprocess=transform_fingerprint(self.preprocess),
                 max_samples=max_samples,
             )
-            hit = self.cache.load("images", key)
+            hit = self.cache.load(kind, key)
             if hit is not None:
                 return EncodedImages(hit["features"], hit["keys"], hit["metas"])
         encoded = self._encode_images(source, max_samples, desc)
         if key is not None:
-            self.cache.save("images", key, {"features": encoded.features, "keys": encoded.keys, "metas": encoded.metas})
+            self.cache.save(kind, key, {"features": encoded.features, "keys": encoded.keys, "metas": encoded.metas})
         return encoded
 
     @torch.no_grad()

@@ -21,6 +21,8 @@ from medclip_train.evaluation.feature_maps import analyse_dataset, analyse_modal
 from medclip_train.evaluation.feature_probes import cross_validated_probes, few_shot_probes, format_mean_std
 from medclip_train.evaluation.features import Encoder, FeatureCache
 from medclip_train.evaluation.metrics import BOOTSTRAP_MAX_N, BOOTSTRAP_RESAMPLES
+from medclip_train.evaluation.overlay import VARIANT_NAMES, overlay_probe
+from medclip_train.evaluation.prompts import default_prompt_set
 from medclip_train.evaluation.report import (
     format_interval,
     format_value,
@@ -29,11 +31,12 @@ from medclip_train.evaluation.report import (
     write_csv,
     write_json,
 )
-from medclip_train.evaluation.zeroshot import evaluate_zeroshot
+from medclip_train.evaluation.zeroshot import evaluate_zeroshot, zero_shot_classifier
 
 ZEROSHOT_METRICS = ("top1", "balanced_acc", "macro_f1", "auroc")
 PROBE_METRICS = ("accuracy", "macro_f1")
 FEATURE_METRICS = ("silhouette", "knn_purity")
+OVERLAY_METRICS = ("top1_clean", "top1", "top1_drop", "cosine_shift", "flipped", "flipped_to_written")
 
 
 def model_labels(specs: list[str]) -> list[str]:
@@ -132,11 +135,18 @@ def evaluate_dataset(
     if "zeroshot" in entry.tasks:
         result = evaluate_zeroshot(encoder, data, max_samples=args.max_samples, bootstrap=args.bootstrap)
         out["zeroshot"] = {k: v for k, v in result.items() if k not in ("prompts",)}
-    needs_probe = {"probe_cv", "few_shot", "feature_map"} & set(entry.tasks)
+    needs_probe = {"probe_cv", "few_shot", "feature_map", "overlay"} & set(entry.tasks)
     if needs_probe and labelled.multilabel:
-        out["probe_note"] = "multi-label data: the probes and feature maps need one class per image"
+        out["probe_note"] = "multi-label data: the probes, feature maps and overlay probe need one class per image"
         return out
     features = encoded.features[torch.as_tensor(labelled.indices)].numpy()
+    if "overlay" in entry.tasks:
+        prompts = data.prompts or default_prompt_set(labelled.classes, data.name)  # as evaluate_zeroshot
+        prompts = prompts.subset(labelled.classes) if prompts.classes != labelled.classes else prompts
+        classifier = zero_shot_classifier(encoder.model, encoder.tokenizer, prompts, encoder.device).cpu()
+        out["overlay"] = overlay_probe(
+            encoder, data, encoded, labelled, classifier, prompts.classnames, args.max_samples
+        )
     if "feature_map" in entry.tasks:
         names = class_display_names(data, labelled.classes)
         stem = f"map_{safe_name(label)}_{safe_name(entry.name)}"
@@ -198,6 +208,15 @@ def comparison_rows(results: dict[str, dict[str, dict]], present: list[CatalogEn
                 cells = {label: {"value": r["feature_map"][metric]} for label, r in per_model.items()}
                 task = f"feature map (cosine, k={fm['knn_purity_k']})"
                 rows.append(_row(entry.name, task, metric, fm["chance"][metric], cells))
+        if "overlay" in first:
+            top1_chance = first["overlay"]["chance"]["top1"]
+            for variant, name in VARIANT_NAMES.items():
+                for metric in OVERLAY_METRICS:
+                    if metric not in first["overlay"][variant]:
+                        continue
+                    cells = {label: {"value": r["overlay"][variant][metric]} for label, r in per_model.items()}
+                    chance = top1_chance if metric.startswith("top1") and metric != "top1_drop" else None
+                    rows.append(_row(entry.name, f"text overlay: {name}", metric, chance, cells))
         if "few_shot" in first:
             chance = (first.get("probe_cv") or {}).get("chance") or {}
             for k, shot in first["few_shot"].items():
@@ -252,7 +271,9 @@ def report_markdown(
         f"{BOOTSTRAP_MAX_N} images); probes: mean ± std over stratified folds (seed {settings.seed}); "
         "chance: the score of a model that ignores the image. Feature map: cosine silhouette score (chance 0) and kNN "
         "purity, the share of each image's k nearest neighbours with its class (chance: the sum of squared class "
-        "shares).",
+        "shares). Text overlay: the same images with a caption burnt into a corner (another class's name: class "
+        "c+1 mod C; or a neutral string), zero-shot top-1 clean and with it, the mean cosine shift 1 - cos(clean, "
+        "overlay) of the image features, and the share of predictions flipped (to the written class).",
     ]
     maps = [
         f"- {label} / {dataset}: " + ", ".join(f"[{Path(p).stem}]({p})" for p in r["feature_map"]["plots"])

@@ -235,12 +235,12 @@ def test_csv_layout_and_excluded_mask_files(tmp_path):
         bad.open(tmp_path)
 
 
-def organ_features(model: Path, data_root: Path) -> tuple[np.ndarray, np.ndarray]:
+def organ_features(model: Path, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """The organs images encoded here, outside the suite: class folders brain < lymph, files sorted in each."""
     from medclip_train.model.loading import load_model
 
     loaded = load_model(str(model), device="cpu")
-    files = sorted((data_root / "organs").glob("*/*.png"))
+    files = sorted(folder.glob("*/*.png"))
     labels = np.array([0 if f.parent.name == "brain" else 1 for f in files])
     batch = torch.stack([loaded.preprocess(Image.open(f).convert("RGB")) for f in files])
     with torch.no_grad():
@@ -250,7 +250,7 @@ def organ_features(model: Path, data_root: Path) -> tuple[np.ndarray, np.ndarray
 def test_feature_maps_silhouette_and_purity_in_every_output(suite, models, data_root):
     from sklearn.metrics import silhouette_score
 
-    features, labels = organ_features(models[0], data_root)
+    features, labels = organ_features(models[0], data_root / "organs")
     fm = suite["json"]["results"]["model_1"]["organs"]["feature_map"]
     assert fm["silhouette"] == pytest.approx(silhouette_score(features, labels, metric="cosine"), abs=1e-6)
     assert fm["knn_purity_k"] == 10 and fm["chance"]["knn_purity"] == pytest.approx(0.5)  # 6 + 6 images
@@ -272,3 +272,30 @@ def test_a_map_over_all_datasets_is_coloured_by_modality(suite):
     assert suite["json"]["modality_maps"]["model_1"] == ["plots/map_model_1_modality_tsne.png"]
     with Image.open(suite["out"] / "plots/map_model_1_modality_tsne.png") as image:
         assert image.format == "PNG"
+
+
+def test_text_overlay_figures_equal_zeroshot_and_encoding_of_burnt_copies(suite, models, data_root, tmp_path):
+    from medclip_train.evaluation.overlay import NEUTRAL_TEXT, burn_text
+
+    names = ORGAN_PROMPTS["classnames"]  # what the prompts write; the other class of brain is lymph and back
+    other = {"brain": names["lymph"], "lymph": names["brain"]}
+    ours = suite["json"]["results"]["model_1"]["organs"]["overlay"]
+    clean, _ = organ_features(models[0], data_root / "organs")
+    for variant, text_of in (("other_class", other), ("neutral", {"brain": NEUTRAL_TEXT, "lymph": NEUTRAL_TEXT})):
+        folder = tmp_path / f"organs_{variant}"
+        for f in sorted((data_root / "organs").glob("*/*.png")):
+            (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
+            burn_text(Image.open(f), text_of[f.parent.name]).save(folder / f.parent.name / f.name)
+        shutil.copy(data_root / "organs" / "prompts.json", folder)
+        theirs = zeroshot_cli(models[0], folder, tmp_path / f"zs_{variant}")
+        assert ours[variant]["top1"] == theirs["top1"]
+        burnt, _ = organ_features(models[0], folder)
+        shift = float((1 - (clean * burnt).sum(1)).mean())
+        assert ours[variant]["cosine_shift"] == pytest.approx(shift, abs=1e-6)
+    with (suite["out"] / "results.csv").open() as f:
+        rows = {(r["dataset"], r["task"], r["metric"]) for r in csv.DictReader(f)}
+    for metric in ("top1_clean", "top1", "top1_drop", "cosine_shift", "flipped", "flipped_to_written"):
+        assert ("breastmnist", "text overlay: other class", metric) in rows
+    assert ("organs", 'text overlay: neutral "scan 2019"', "cosine_shift") in rows
+    assert ("organs", 'text overlay: neutral "scan 2019"', "flipped_to_written") not in rows
+    assert ours["other_class"]["top1_clean"] == suite["json"]["results"]["model_1"]["organs"]["zeroshot"]["top1"]
