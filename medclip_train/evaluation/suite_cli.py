@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from medclip_train.evaluation.bar_charts import save_task_charts
 from medclip_train.evaluation.catalog import Catalog, CatalogEntry, load_catalog
 from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.feature_maps import analyse_dataset, analyse_modalities, subset_for_map
@@ -95,7 +96,10 @@ def run_suite(args) -> int:
             del encoder, loaded
     rows = comparison_rows(results, present, labels)
     write_csv(output / "results.csv", csv_rows(rows, labels))
-    report = report_markdown(rows, labels, skipped, results, catalog, modality_maps)
+    charts = {
+        family: path.relative_to(output).as_posix() for family, path in save_task_charts(rows, labels, output / "plots")
+    }
+    report = report_markdown(rows, labels, skipped, results, catalog, modality_maps, charts)
     (output / "report.md").write_text(report + "\n")
     write_json(
         output / "results.json",
@@ -107,6 +111,7 @@ def run_suite(args) -> int:
             "settings": vars(catalog.settings),
             "results": results,
             "modality_maps": modality_maps,
+            "bar_charts": charts,
             "skipped": skipped,
         },
     )
@@ -256,7 +261,7 @@ def csv_rows(rows: list[dict], labels: list[str]) -> list[dict]:
 
 
 def report_markdown(
-    rows: list[dict], labels: list[str], skipped: list[dict], results: dict, catalog, modality_maps=None
+    rows: list[dict], labels: list[str], skipped: list[dict], results: dict, catalog, modality_maps=None, charts=None
 ) -> str:
     table_rows = [
         {"dataset": r["dataset"], "task": r["task"], "metric": r["metric"], "chance": r["chance"]}
@@ -284,6 +289,9 @@ def report_markdown(
         f"- {label} / all datasets: " + ", ".join(f"[{Path(p).stem}]({p})" for p in plots)
         for label, plots in (modality_maps or {}).items()
     ]
+    if charts:
+        lines += ["", "Bar charts (a panel per metric, a bar per model, chance dashed):", ""]
+        lines += [f"![{family}]({path})" for family, path in charts.items()]
     if maps:
         lines += ["", "Feature maps (coloured by class; over all datasets, by modality):", *maps]
     notes = [

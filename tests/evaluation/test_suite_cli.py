@@ -299,3 +299,14 @@ def test_text_overlay_figures_equal_zeroshot_and_encoding_of_burnt_copies(suite,
     assert ("organs", 'text overlay: neutral "scan 2019"', "cosine_shift") in rows
     assert ("organs", 'text overlay: neutral "scan 2019"', "flipped_to_written") not in rows
     assert ours["other_class"]["top1_clean"] == suite["json"]["results"]["model_1"]["organs"]["zeroshot"]["top1"]
+
+
+def test_a_bar_chart_per_task_linked_from_the_report(suite):
+    report = (suite["out"] / "report.md").read_text()
+    charts = suite["json"]["bar_charts"]
+    families = {"zero-shot", "logreg", "linear_svm", "knn", "feature map", "text overlay: other class"}
+    assert families | {f"few-shot {k}/class" for k in SHOTS} <= set(charts)
+    for family, link in charts.items():
+        assert f"![{family}]({link})" in report and link.startswith("plots/bars_")
+        with Image.open(suite["out"] / link) as image:
+            assert image.format == "PNG" and min(image.size) >= 200
