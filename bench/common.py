@@ -32,7 +32,7 @@ ANCHOR_INSTALL = (
 # ---- benchmark shards ----------------------------------------------------------------------------------------------
 SHARD_SAMPLES = 500
 SHARD_COUNT = 6
-_GEN_VERSION = 1
+_GEN_VERSION = 2  # 2: the tokenizer is medclip-prep's deterministic WordPiece
 """Bump when the generator changes, so that ``ensure_bench_data`` rewrites the shards."""
 
 _MODALITIES = {
@@ -153,34 +153,6 @@ def write_bench_shards(
     return captions
 
 
-def train_tokenizer(captions: list[str], output: Path, vocab_size: int = 8192) -> int:
-    """A BERT-style WordPiece tokenizer (``[PAD]=0``, uncased, ``[CLS] $A [SEP]``) saved with ``save_pretrained``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=512,
-    )
-    fast.save_pretrained(str(output))
-    return tok.get_vocab_size()
-
-
 def ensure_bench_data(folder: Path = DATA_DIR) -> dict:
     """Write the benchmark shards and tokenizer once (about a minute); later calls reuse them.
 
@@ -201,7 +173,9 @@ def ensure_bench_data(folder: Path = DATA_DIR) -> dict:
     t0 = time.perf_counter()
     print(f"[bench] writing {info['samples']} samples to {folder} (once) ...", flush=True)
     captions = write_bench_shards(folder)
-    vocab = train_tokenizer(captions, folder / "tokenizer")
+    from data_prep.tokenizer import train_wordpiece  # the builder medclip-prep uses: the same vocabulary every run
+
+    vocab = train_wordpiece(captions, folder / "tokenizer", vocab_size=8192)
     print(f"[bench] shards and tokenizer (vocab {vocab}) written in {time.perf_counter() - t0:.0f} s", flush=True)
     marker.write_text(json.dumps(info))
     return info
@@ -411,14 +385,16 @@ def alternate(runs: list[tuple[str, Callable[[int], dict]]], repeats: int, quiet
 
 # ---- results -------------------------------------------------------------------------------------------------------
 def markdown_table(headers: list[str], rows: list[list]) -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-        return "" if v is None else str(v)
+    """Benchmark rows (lists in header order) as medclip-eval's markdown table, numbers as BENCHMARKS.md prints them."""
+    from medclip_train.evaluation.report import markdown_table as table  # here: this module imports no torch
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return table([dict(zip(headers, row)) for row in rows], headers, cell=_bench_cell)
+
+
+def _bench_cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return "" if v is None else str(v)
 
 
 def write_result(name: str, result: dict) -> Path:

@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import PeakRSS, machine_info, markdown_table, train_tokenizer, write_result
+from bench.common import PeakRSS, machine_info, markdown_table, write_result
+from data_prep.tokenizer import train_wordpiece
 
 SENTENCES = [
     "a chest x-ray showing pneumonia",
@@ -35,7 +36,7 @@ def build_tiny(workdir: Path):
     from medclip_train.config import ModelConfig
     from medclip_train.model.factory import build_model
 
-    train_tokenizer(SENTENCES, workdir / "tokenizer", vocab_size=300)
+    train_wordpiece(SENTENCES, workdir / "tokenizer", vocab_size=300)
     torch.manual_seed(0)
     built = build_model(ModelConfig(preset="tiny", tokenizer=str(workdir / "tokenizer")))
     preprocess = open_clip.transform.image_transform_v2(

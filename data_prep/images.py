@@ -20,13 +20,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_prep.records import Reason
+from medclip_train.data.image_modes import to_8bit, window_to_uint8
 
 # 64 MP (8k x 8k): above any figure in the supported releases, below what a worker can decode without swapping.
 # Checked from the header before any pixel is decoded; PIL's own bomb warning/error is also turned into a rejection.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
-
-# Modes whose pixels are wider than 8 bits: windowed by their real range, see to_8bit().
-_WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
 @dataclass(frozen=True)
@@ -234,53 +232,6 @@ def _encode_array(image: ArrayImage, policy: ImagePolicy) -> EncodedImage:
     out = encode(im, image.format, policy.jpeg_quality)
     mode = f"array:{image.pixels.dtype}"
     return EncodedImage(out, image.format, im.width, im.height, *original, mode, False, digest)
-
-
-def window_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Map an array's real min..max range onto 0..255.
-
-    16-bit medical images rarely use the full 0..65535 range (a 12-bit CT stores 0..4095): dividing by 256 would leave
-    them nearly black, so the window is the data's own range.
-    """
-    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def to_8bit(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit ``RGB`` or ``L``, the two modes every JPEG decoder and trainer handles.
-
-    Grey stays grey (``L``), wide grey is windowed (see :func:`window_to_uint8`), palettes are expanded, alpha is
-    composited on white (figures with transparency are drawn for a white page), CMYK (Adobe-inverted included, which
-    PIL handles) becomes RGB.
-    """
-    mode = im.mode
-    if mode in ("RGB", "L") and "transparency" not in im.info:
-        return im
-    if mode in _WIDE_MODES:
-        return Image.fromarray(window_to_uint8(np.asarray(im)))
-    if mode == "1":
-        return im.convert("L")
-    if mode in ("P", "PA"):
-        has_alpha = mode == "PA" or "transparency" in im.info or im.palette.mode == "RGBA"
-        im = im.convert("RGBA" if has_alpha else "RGB")
-        return _composite_on_white(im) if has_alpha else im
-    if "transparency" in im.info and mode in ("L", "RGB"):
-        # A PNG tRNS chunk marks one grey level or colour as transparent.
-        return _composite_on_white(im.convert("LA" if mode == "L" else "RGBA"))
-    if mode in ("RGBA", "LA", "RGBa", "La"):
-        return _composite_on_white(im)
-    return im.convert("RGB")
-
-
-def _composite_on_white(im: Image.Image) -> Image.Image:
-    grey = im.mode in ("LA", "La")
-    rgba = im.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    background.alpha_composite(rgba)
-    return background.convert("L" if grey else "RGB")
 
 
 def fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:

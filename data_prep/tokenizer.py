@@ -17,7 +17,6 @@ captions.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -138,13 +137,11 @@ def expand_shards(patterns: Iterable[str], flag: str = "--input") -> list[Path]:
     Raises:
         PrepError: naming the pattern that matches no file.
     """
-    import braceexpand  # webdataset's dependency, installed with it
+    from medclip_train.data.sources import expand_shard_pattern  # imports webdataset: only tokenizer builds need it
 
     found: dict[str, None] = {}
     for pattern in patterns:
-        matched = []
-        for part in braceexpand.braceexpand(str(pattern)):
-            matched += sorted(glob.glob(part)) if glob.has_magic(part) else [part] if os.path.isfile(part) else []
+        matched = [p for p in expand_shard_pattern(str(pattern)) if os.path.isfile(p)]
         if not matched:
             raise PrepError(f"{flag} {pattern}: no shard file matches")
         found.update(dict.fromkeys(matched))

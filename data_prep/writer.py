@@ -33,13 +33,14 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from tqdm import tqdm
 
 from data_prep.images import EncodedImage, ImageFailure, ImagePolicy, process_image
 from data_prep.records import PrepError, Reason, Record, Rejection, clean_caption, reject, sample_key, short_hash
 from data_prep.tokenizer import DEFAULT_VOCAB_SIZE, WordCounts, checked_vocab, save_tokenizer
+from medclip_train.atomic_files import AtomicFile, atomic_write_json
 
 FORMAT_VERSION = 1
 SPLIT_ORDER = ("train", "val", "test")
@@ -127,27 +128,6 @@ def package_version() -> str:
         return metadata.version("medclip-train")
     except metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` so that it either does not exist or is complete (tmp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        # Unbuffered: a failed write (disk full) raises once, not again from a buffered file's close().
-        with open(tmp, "wb", buffering=0) as f:
-            view = memoryview(data)
-            while view:
-                view = view[f.write(view) :]
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """:func:`atomic_write_bytes` for a JSON document."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 @dataclass
@@ -240,7 +220,7 @@ class ShardSink:
         self.samples_per_shard = samples_per_shard
         self.sizes: dict[str, int] = {}
         self.shards: dict[str, list[str]] = defaultdict(list)
-        self._open: dict[str, tuple[BinaryIO, tarfile.TarFile, str]] = {}
+        self._open: dict[str, tuple[AtomicFile, tarfile.TarFile, str]] = {}
         self._counts: dict[str, int] = {}
 
     def add(self, split: str, key: str, members: list[tuple[str, bytes]]) -> None:
@@ -268,25 +248,20 @@ class ShardSink:
         The tar is not closed: that would write its end blocks into a file about to be deleted, and on a full disk
         fail again, hiding the first error and leaving the ``.tmp`` behind.
         """
-        for f, _, name in self._open.values():
-            with contextlib.suppress(OSError):  # flushing the buffer fails again on a full disk; the fd still closes
-                f.close()
-            (self.output / (name + ".tmp")).unlink(missing_ok=True)
+        for f, _, _ in self._open.values():
+            f.abort()
         self._open.clear()
 
     def _start(self, split: str) -> None:
         name = f"{split}-{len(self.shards[split]):06d}.tar"
-        f = open(self.output / (name + ".tmp"), "wb")
-        self._open[split] = (f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT), name)
+        f = AtomicFile(self.output / name, "wb")
+        self._open[split] = (f, tarfile.open(fileobj=f.file, mode="w", format=tarfile.PAX_FORMAT), name)
         self._counts[split] = 0
 
     def _finish(self, split: str) -> None:
         f, tar, name = self._open[split]
         tar.close()
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(self.output / (name + ".tmp"), self.output / name)
+        f.commit()
         del self._open[split]  # only now: if anything above fails, abort() still removes the .tmp
         self.sizes[name] = self._counts[split]
         self.shards[split].append(name)
@@ -320,22 +295,16 @@ class _RejectionLog:
 
     def __init__(self, output: Path):
         self.path = output / "rejected.jsonl"
-        self._tmp = output / "rejected.jsonl.tmp"
-        self._f = open(self._tmp, "w", encoding="utf-8")
+        self._file = AtomicFile(self.path, "w", encoding="utf-8")
 
     def add(self, rejection: Rejection) -> None:
-        self._f.write(json.dumps(rejection.to_json(), ensure_ascii=False) + "\n")
+        self._file.file.write(json.dumps(rejection.to_json(), ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self._tmp, self.path)
+        self._file.commit()
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):  # the buffered lines cannot be flushed on a full disk; the fd still closes
-            self._f.close()
-        self._tmp.unlink(missing_ok=True)
+        self._file.abort()
 
 
 class _InlineExecutor(Executor):

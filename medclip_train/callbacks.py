@@ -4,14 +4,12 @@ place of a good one."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
 import os
 import resource
 import sys
-import tempfile
 import time
 
 import lightning as L
@@ -19,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+
+from medclip_train.atomic_files import AtomicFile
 
 
 def _peak_rss_mb() -> float:
@@ -368,20 +368,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint gets the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
+        with AtomicFile(path, "wb", unique=True) as f:  # .NAME.XXXX.tmp, which run_dir clears after a kill
+            torch.save(checkpoint, f)
 
 
 class EvalCallback(L.Callback):

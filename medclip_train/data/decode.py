@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 
-import numpy as np
 from PIL import Image
+
+from medclip_train.data.image_modes import to_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "text", "caption")
@@ -35,20 +36,6 @@ def decode_image(data: bytes, target_size: int) -> Image.Image:
     except Exception as err:  # PIL raises many types for broken files
         raise SampleError(f"undecodable image: {type(err).__name__}: {err}") from err
     return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode; 16-bit and float images are windowed by their real min..max range."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
 
 
 def decode_text(data: bytes) -> str:

@@ -42,13 +42,23 @@ class ShardSource:
             self.name = redact(os.path.basename(os.path.dirname(self.shards)) or self.shards)
 
     def urls(self) -> list[str]:
-        urls = []
-        for url in expand_urls(self.shards):
-            # A local glob (`shards/mine/train-*.tar`): a converter's shard count need not be known to train on it.
-            urls += sorted(glob.glob(url)) if is_local(url) and glob.has_magic(url) else [url]
+        urls = expand_shard_pattern(self.shards)
         if not urls:
             raise ValueError(f"data source {self.name!r}: pattern {self.shards!r} matches no shard")
         return urls
+
+
+def expand_shard_pattern(pattern: str) -> list[str]:
+    """The shards a pattern names, in order; empty when a glob matches nothing.
+
+    Braces (``train-{000000..000099}.tar``) and ``::`` lists are expanded as webdataset does; a local glob
+    (``shards/mine/train-*.tar``) is matched and sorted, so a converter's shard count need not be known to use its
+    shards; URLs and ``pipe:`` commands are kept as they are.
+    """
+    urls = []
+    for url in expand_urls(pattern):
+        urls += sorted(glob.glob(url)) if is_local(url) and glob.has_magic(url) else [url]
+    return urls
 
 
 def is_local(url: str) -> bool:

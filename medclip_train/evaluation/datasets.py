@@ -7,7 +7,6 @@ feature cache.
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, pil_loader
 
 from medclip_train.data.class_folders import slug
+from medclip_train.data.sources import expand_shard_pattern
 from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.prompts import PromptSet, default_prompt_set, load_prompt_set, parse_prompt_set
 
@@ -144,14 +144,7 @@ def collate(batch):
 
 def expand_shards(pattern: str) -> list[str]:
     """Brace patterns (``test-{000000..000003}.tar``) and globs; every expanded file must exist."""
-    import braceexpand
-
-    urls = []
-    for part in braceexpand.braceexpand(pattern):
-        if glob.has_magic(part):
-            urls += sorted(glob.glob(part))
-        else:
-            urls.append(part)
+    urls = expand_shard_pattern(pattern)
     if not urls:
         raise EvalInputError(f"{pattern}: no shard file matches")
     missing = [u for u in urls if not os.path.isfile(u)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from medclip_train.atomic_files import AtomicFile
 from medclip_train.evaluation.datasets import collate
 
 CACHE_VERSION = 1
@@ -58,10 +58,9 @@ class FeatureCache:
             return None
 
     def save(self, kind: str, key: str, value: dict) -> None:
-        path = self.path(kind, key)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(value, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        # A reader never sees half a file; two processes filling one cache entry each write their own temporary.
+        with AtomicFile(self.path(kind, key), "wb", unique=True) as f:
+            torch.save(value, f)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +118,9 @@ def format_value(value) -> str:
     return str(value)
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    """A markdown table of ``rows``; missing cells print as ``-``."""
+def markdown_table(rows: list[dict], columns: list[str], cell: Callable[[object], str] = format_value) -> str:
+    """A markdown table of ``rows`` (dicts keyed by column); ``cell`` formats a value (default: missing as ``-``)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] * len(columns)) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(format_value(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
