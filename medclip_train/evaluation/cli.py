@@ -26,7 +26,7 @@ from medclip_train.evaluation.report import (
     write_json,
 )
 from medclip_train.evaluation.retrieval import evaluate_retrieval
-from medclip_train.evaluation.suite import flat_retrieval_metrics, flat_zeroshot_metrics
+from medclip_train.evaluation.suite import flat_retrieval_metrics, flat_zeroshot_metrics, run_suite
 from medclip_train.evaluation.suite_cli import add_suite_parser
 from medclip_train.evaluation.zeroshot import evaluate_zeroshot
 
@@ -225,24 +225,16 @@ def probe_arrays(data, encoded, classes: list[str]) -> tuple[np.ndarray, np.ndar
 def run_all(args) -> int:
     tasks, shards = all_inputs(args)
     encoder, model_name = make_encoder(args)
-    zeroshot, flat, intervals, chance = {}, {}, {}, {}
-    for task in tasks:
-        data = open_classification(task)
-        result = evaluate_zeroshot(encoder, data, max_samples=args.max_samples, bootstrap=args.bootstrap)
-        zeroshot[data.name] = result
-        write_classification_details(args.output, f"zeroshot_{safe_name(data.name)}", result)
-        flat.update(flat_zeroshot_metrics(data.name, result))
-        intervals.update({f"zeroshot/{data.name}/{k}": v for k, v in result.get("ci95", {}).items()})
-        chance.update({f"zeroshot/{data.name}/{k}": v for k, v in result["chance"].items()})
-    retrieval = None
-    if shards:
-        retrieval = evaluate_retrieval(
-            encoder,
-            open_retrieval(shards),
-            max_samples=args.max_samples,
-            chunk_size=args.chunk_size,
-            bootstrap=args.bootstrap,
-        )
+    zeroshot, retrieval = run_suite(
+        encoder, tasks, shards, max_samples=args.max_samples, chunk_size=args.chunk_size, bootstrap=args.bootstrap
+    )
+    flat, intervals, chance = {}, {}, {}
+    for name, result in zeroshot.items():
+        write_classification_details(args.output, f"zeroshot_{safe_name(name)}", result)
+        flat.update(flat_zeroshot_metrics(name, result))
+        intervals.update({f"zeroshot/{name}/{k}": v for k, v in result.get("ci95", {}).items()})
+        chance.update({f"zeroshot/{name}/{k}": v for k, v in result["chance"].items()})
+    if retrieval is not None:
         flat.update(flat_retrieval_metrics(retrieval["full"]))
         intervals.update({f"retrieval/{k}": v for k, v in retrieval["full"].get("ci95", {}).items()})
         chance.update({f"retrieval/{k}": v for k, v in retrieval["full"]["chance"].items()})

@@ -76,8 +76,11 @@ class PathLabelDataset(Dataset):
         return self.transform(pil_loader(str(path))), path.relative_to(self.root).as_posix(), label
 
 
-class ShardSource:
-    """Webdataset tars read in order; ``meta_fn`` turns a decoded sample into the task's ``meta``."""
+class ShardReader:
+    """Webdataset tars read in order; ``meta_fn`` turns a decoded sample into the task's ``meta``.
+
+    Not training's :class:`medclip_train.data.sources.ShardSource` (a pattern with a mixing weight): this one reads.
+    """
 
     def __init__(self, urls: list[str], meta_fn, kind: str):
         self.urls, self.meta_fn, self.kind = urls, meta_fn, kind
@@ -165,7 +168,7 @@ class ClassificationData:
     """One classification dataset: where the images come from, its classes, and its prompts (for zero-shot)."""
 
     name: str
-    source: ImageFolderSource | ShardSource
+    source: ImageFolderSource | ShardReader
     classes: list[str] | None
     """Class ids in label order; ``None`` for project shards without a prompt file (taken from the labels)."""
     prompts: PromptSet | None
@@ -244,7 +247,7 @@ def open_classification(
         if label_prefix is None:
             raise EvalInputError(f"{spec}: --label-prefix is required to take classes from the shards' .json labels")
         prompt_set = load_prompt_set(prompts) if (prompts and with_prompts) else None
-        source = ShardSource(expand_shards(spec), project_meta, "project")
+        source = ShardReader(expand_shards(spec), project_meta, "project")
         name = (prompt_set.name if prompt_set and prompt_set.name else None) or label_prefix.rstrip(":") or "labels"
         classes = prompt_set.classes if prompt_set else None
         return ClassificationData(name, source, classes, prompt_set, label_prefix)
@@ -267,7 +270,7 @@ def _open_clip_benchmark(root: Path, prompts, split: str, with_prompts: bool) ->
     # label order) fits; classnames.txt gives the display names.
     names = [line.strip() for line in (root / "classnames.txt").read_text().splitlines() if line.strip()]
     classes = [str(i) for i in range(len(names))]
-    source = ShardSource(clip_benchmark_shards(root, split), clip_benchmark_class_meta, "clip_benchmark")
+    source = ShardReader(clip_benchmark_shards(root, split), clip_benchmark_class_meta, "clip_benchmark")
     prompt_set = None
     if with_prompts:
         if prompts:
@@ -300,12 +303,12 @@ def clip_benchmark_shards(root: Path, split: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ retrieval
 
 
-def open_retrieval(spec: str | Path, split: str = "test") -> ShardSource:
+def open_retrieval(spec: str | Path, split: str = "test") -> ShardReader:
     """Image-caption pairs: a pattern of project shards, or a CLIP_benchmark retrieval folder (captions per line)."""
     spec = str(spec)
     if is_shard_pattern(spec):
-        return ShardSource(expand_shards(spec), project_meta, "project")
+        return ShardReader(expand_shards(spec), project_meta, "project")
     root = Path(spec)
     if not root.is_dir():
         raise EvalInputError(f"{spec}: not a shard pattern (*.tar) nor a folder")
-    return ShardSource(clip_benchmark_shards(root, split), clip_benchmark_retrieval_meta, "clip_benchmark_retrieval")
+    return ShardReader(clip_benchmark_shards(root, split), clip_benchmark_retrieval_meta, "clip_benchmark_retrieval")

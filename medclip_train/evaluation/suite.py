@@ -1,8 +1,11 @@
-"""The library entry of training's in-loop evaluation and of ``medclip-eval all``: flat metric names."""
+"""The one evaluation loop of training's in-loop evaluation and of ``medclip-eval all``.
+
+:func:`run_suite` runs zero-shot on each task folder and retrieval on the shards. Training logs the flat metric
+names of :func:`evaluate_suite`; ``medclip-eval all`` (evaluation/cli.py) adds the 95% intervals, chance levels and
+result files.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from medclip_train.evaluation.datasets import open_classification, open_retrieval
 from medclip_train.evaluation.features import Encoder
@@ -41,17 +44,45 @@ def evaluate_suite(
     """
     was_training = model.training
     encoder = Encoder(model, tokenizer, preprocess, device=device, batch_size=batch_size, progress=progress)
-    metrics: dict[str, float] = {}
     try:
-        for task in zeroshot_tasks:
-            result = evaluate_zeroshot(encoder, open_classification(task), max_samples=max_samples)
-            metrics.update(flat_zeroshot_metrics(Path(task).name, result))
-        if retrieval_shards:
-            result = evaluate_retrieval(encoder, open_retrieval(retrieval_shards), max_samples=max_samples)
-            metrics.update(flat_retrieval_metrics(result["full"]))
+        zeroshot, retrieval = run_suite(encoder, zeroshot_tasks, retrieval_shards, max_samples=max_samples)
     finally:
         model.train(was_training)
+    metrics: dict[str, float] = {}
+    for name, result in zeroshot.items():
+        metrics.update(flat_zeroshot_metrics(name, result))
+    if retrieval is not None:
+        metrics.update(flat_retrieval_metrics(retrieval["full"]))
     return metrics
+
+
+def run_suite(
+    encoder: Encoder,
+    zeroshot_tasks: list[str],
+    retrieval_shards: str | None,
+    max_samples: int | None = None,
+    chunk_size: int | None = None,
+    bootstrap: int = 0,
+) -> tuple[dict[str, dict], dict | None]:
+    """Zero-shot on each task folder and retrieval on the shards (``None``: none).
+
+    Returns:
+        The zero-shot results by task name (the folder's name) and the retrieval result, or ``None``.
+    """
+    zeroshot = {}
+    for task in zeroshot_tasks:
+        data = open_classification(task)
+        zeroshot[data.name] = evaluate_zeroshot(encoder, data, max_samples=max_samples, bootstrap=bootstrap)
+    retrieval = None
+    if retrieval_shards:
+        retrieval = evaluate_retrieval(
+            encoder,
+            open_retrieval(retrieval_shards),
+            max_samples=max_samples,
+            chunk_size=chunk_size,
+            bootstrap=bootstrap,
+        )
+    return zeroshot, retrieval
 
 
 def flat_zeroshot_metrics(task: str, result: dict) -> dict[str, float]:
