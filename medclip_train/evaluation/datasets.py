@@ -88,27 +88,46 @@ class ShardReader:
     def fingerprint(self) -> list:
         return [self.kind, getattr(self.meta_fn, "__name__", "")] + [_file_stamp(Path(u)) for u in self.urls]
 
-    def torch_dataset(self, transform):
+    def torch_dataset(self, transform, urls: list[str] | None = None, positions: bool = False):
+        """Samples of ``urls`` (default: all shards); with ``positions``, each item ends with its
+        ``(shard index, index in the shard)`` so that samples read by several workers or ranks can be put in order."""
         import webdataset as wds
 
-        # nodesplitter=None: every rank reads all shards (evaluation runs on one process; under DDP the default
-        # single_node_only splitter would raise). Image-less samples (webdataset 1.x yields a key-only one at the
-        # end of a shard) are skipped before decoding.
+        # nodesplitter=None: every rank reads the shards it is given (the suite splits them over ranks itself; under
+        # DDP the default single_node_only splitter would raise). Image-less samples (webdataset 1.x yields a key-only
+        # one at the end of a shard) are skipped before decoding.
+        order = _ShardOrder(self.urls) if positions else None
         return (
-            wds.WebDataset(self.urls, shardshuffle=False, empty_check=False, nodesplitter=None)
+            wds.WebDataset(
+                self.urls if urls is None else urls, shardshuffle=False, empty_check=False, nodesplitter=None
+            )
             .select(_has_image)
             .decode("pil")
-            .map(partial(_shard_item, transform=transform, meta_fn=self.meta_fn))
+            .map(partial(_shard_item, transform=transform, meta_fn=self.meta_fn, order=order))
         )
+
+
+class _ShardOrder:
+    """``(shard index, index in the shard)`` of each sample: a loader worker reads whole shards, so its own count of
+    a shard's samples is their index in it."""
+
+    def __init__(self, urls: list[str]):
+        self.index, self.seen = {url: i for i, url in enumerate(urls)}, {}
+
+    def __call__(self, url: str) -> tuple[int, int]:
+        n = self.seen.get(url, 0)
+        self.seen[url] = n + 1
+        return self.index[url], n
 
 
 def _has_image(sample: dict) -> bool:
     return any(ext in sample for ext in SHARD_IMAGE_EXTS)
 
 
-def _shard_item(sample: dict, transform, meta_fn):
+def _shard_item(sample: dict, transform, meta_fn, order: _ShardOrder | None = None):
     image = next(sample[ext] for ext in SHARD_IMAGE_EXTS if ext in sample)
-    return transform(image), sample["__key__"], meta_fn(sample)
+    item = (transform(image), sample["__key__"], meta_fn(sample))
+    return item if order is None else (*item, order(sample["__url__"]))
 
 
 def project_meta(sample: dict) -> dict:
@@ -140,9 +159,9 @@ def _file_stamp(path: Path, root: Path | None = None) -> list:
 
 
 def collate(batch):
-    """Stack images; keep keys and metas as lists (the default collate would mangle dicts of lists)."""
-    images, keys, metas = zip(*batch)
-    return torch.stack(images), list(keys), list(metas)
+    """Stack images; keep keys, metas (and shard positions) as lists (the default collate mangles dicts of lists)."""
+    images, *columns = zip(*batch)
+    return torch.stack(images), *(list(column) for column in columns)
 
 
 def expand_shards(pattern: str) -> list[str]:

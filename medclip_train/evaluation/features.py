@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from medclip_train.atomic_files import AtomicFile
 from medclip_train.evaluation.datasets import collate
+from medclip_train.evaluation.distributed import from_rank0, gather, rank, world_size
 
 CACHE_VERSION = 1
 """Bumped when what is stored changes, so old cache files are not read back."""
@@ -101,6 +102,11 @@ class Encoder:
     cache: FeatureCache | None = None
     progress: bool = False
     model_id: str | None = None
+    bf16: bool = False
+    """Encode under bf16 autocast when the device is CUDA (features are stored as float32 either way)."""
+    split_over_ranks: bool = False
+    """Under ``torchrun``: every rank encodes its share of each dataset and all get the gathered features. Every
+    rank must then make the same ``images`` calls in the same order (they meet in collectives)."""
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     @property
@@ -119,49 +125,101 @@ class Encoder:
         ``kind`` names the cache files (``overlay``: the text-overlay probe's altered images).
         """
         key = None
+        split = self.split_over_ranks and world_size() > 1
         if self.cache is not None:
             key = FeatureCache.key(
                 model=self.fingerprint,
                 data=source.fingerprint(),
                 preprocess=transform_fingerprint(self.preprocess),
                 max_samples=max_samples,
+                **({"autocast": "bf16"} if self._autocast_on else {}),  # bf16 features differ from fp32 ones
             )
-            hit = self.cache.load(kind, key)
+            # Rank 0's cache decides for all ranks (a cache on another node's disk must not send one rank alone
+            # into the gather).
+            hit = self.cache.load(kind, key) if not split or rank() == 0 else None
+            hit = from_rank0(hit) if split else hit
             if hit is not None:
                 return EncodedImages(hit["features"], hit["keys"], hit["metas"])
         encoded = self._encode_images(source, max_samples, desc)
-        if key is not None:
+        if key is not None and (not split or rank() == 0):
             self.cache.save(kind, key, {"features": encoded.features, "keys": encoded.keys, "metas": encoded.metas})
         return encoded
 
-    @torch.no_grad()
+    @property
+    def _autocast_on(self) -> bool:
+        return self.bf16 and torch.device(self.device).type == "cuda"
+
+    def _autocast(self):
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self._autocast_on)
+
     def _encode_images(self, source, max_samples: int | None, desc: str) -> EncodedImages:
+        if getattr(source, "urls", None) is not None:
+            return self._encode_shards(source, max_samples, desc)
+        return self._encode_indexed(source, max_samples, desc)
+
+    def _encode_indexed(self, source, max_samples: int | None, desc: str) -> EncodedImages:
+        """A map-style dataset: rank r of N encodes samples r, r + N, ...; gathered back into index order."""
+        r, n_ranks = (rank(), world_size()) if self.split_over_ranks else (0, 1)
+        dataset = source.torch_dataset(self.preprocess)
+        n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+        features, keys, metas, _ = self._run(Subset(dataset, range(r, n, n_ranks)), desc, n // n_ranks)
+        if n_ranks == 1:
+            return EncodedImages(features, keys, metas)
+        parts = gather((features, keys, metas))
+        out = EncodedImages(torch.empty(n, max(p[0].shape[1] for p in parts)), [None] * n, [None] * n)
+        for i, (part_features, part_keys, part_metas) in enumerate(parts):
+            if part_keys:  # a rank may have no sample (fewer samples than ranks): its (0, 0) features do not fit
+                out.features[i::n_ranks] = part_features
+            out.keys[i::n_ranks], out.metas[i::n_ranks] = part_keys, part_metas
+        return out
+
+    def _encode_shards(self, source, max_samples: int | None, desc: str) -> EncodedImages:
+        """Shards: rank r of N reads shards r, r + N, ...; samples come back in (shard, position in shard) order.
+
+        That order is the one a single reader sees, whatever the ranks and loader workers (each worker reads whole
+        shards, interleaved batch by batch), so the figures do not depend on either.
+        """
+        r, n_ranks = (rank(), world_size()) if self.split_over_ranks else (0, 1)
+        urls = source.urls[r::n_ranks]
+        in_order = n_ranks == 1 and self.workers == 0  # arrival order is shard order: may stop at max_samples
+        if urls:
+            dataset = source.torch_dataset(self.preprocess, urls=urls, positions=True)
+            total = len(source) if hasattr(source, "__len__") else None
+            encoded = self._run(dataset, desc, total, max_samples if in_order else None)
+        else:  # more ranks than shards
+            encoded = (torch.empty(0, 0), [], [], [])
+        parts = gather(encoded) if n_ranks > 1 else [encoded]
+        rows = sorted((pos, i, j) for i, part in enumerate(parts) for j, pos in enumerate(part[3]))[:max_samples]
+        if not rows:
+            return EncodedImages(torch.empty(0, max(p[0].shape[1] for p in parts)), [], [])
+        features = torch.stack([parts[i][0][j] for _, i, j in rows])
+        return EncodedImages(features, [parts[i][1][j] for _, i, j in rows], [parts[i][2][j] for _, i, j in rows])
+
+    @torch.no_grad()
+    def _run(self, dataset, desc: str, total: int | None, limit: int | None = None) -> tuple:
+        """(features, keys, metas, positions) of ``dataset`` in loader order, the first ``limit`` at most."""
         loader = DataLoader(
-            source.torch_dataset(self.preprocess),
+            dataset,
             batch_size=self.batch_size,
             num_workers=self.workers,
             collate_fn=collate,
             pin_memory=str(self.device).startswith("cuda"),
         )
-        total = len(source) if hasattr(source, "__len__") else None
-        if total is not None and max_samples is not None:
-            total = min(total, max_samples)
-        features, keys, metas = [], [], []
+        features, keys, metas, positions = [], [], [], []
         self.model.eval()
-        with tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False) as bar:
-            for images, batch_keys, batch_metas in loader:
-                if max_samples is not None:
-                    room = max_samples - len(keys)
-                    images, batch_keys, batch_metas = images[:room], batch_keys[:room], batch_metas[:room]
-                out = self.model.encode_image(images.to(self.device, non_blocking=True), normalize=True)
+        with tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False) as bar, self._autocast():
+            for images, batch_keys, batch_metas, *batch_positions in loader:
+                room = len(batch_keys) if limit is None else limit - len(keys)
+                out = self.model.encode_image(images[:room].to(self.device, non_blocking=True), normalize=True)
                 features.append(out.float().cpu())
-                keys += batch_keys
-                metas += batch_metas
-                bar.update(len(batch_keys))
-                if max_samples is not None and len(keys) >= max_samples:
+                keys += batch_keys[:room]
+                metas += batch_metas[:room]
+                positions += batch_positions[0][:room] if batch_positions else []
+                bar.update(len(batch_keys[:room]))
+                if limit is not None and len(keys) >= limit:
                     break
         dim = features[0].shape[1] if features else 0
-        return EncodedImages(torch.cat(features) if features else torch.empty(0, dim), keys, metas)
+        return torch.cat(features) if features else torch.empty(0, dim), keys, metas, positions
 
     def texts(self, texts: list[str], desc: str = "texts") -> torch.Tensor:
         """(N, D) L2-normalised float32 text features, from the cache when possible."""
@@ -169,7 +227,10 @@ class Encoder:
         if self.cache is not None:
             text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
             key = FeatureCache.key(
-                model=self.fingerprint, texts=text_hash, tokenizer=tokenizer_fingerprint(self.tokenizer)
+                model=self.fingerprint,
+                texts=text_hash,
+                tokenizer=tokenizer_fingerprint(self.tokenizer),
+                **({"autocast": "bf16"} if self._autocast_on else {}),
             )
             hit = self.cache.load("texts", key)
             if hit is not None:
@@ -187,5 +248,6 @@ class Encoder:
             range(0, len(texts), self.batch_size), desc=desc, unit="batch", disable=not self.progress, leave=False
         ):
             tokens = self.tokenizer(texts[start : start + self.batch_size]).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
+            with self._autocast():
+                out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out) if out else torch.empty(0, 0)

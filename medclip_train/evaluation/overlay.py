@@ -69,16 +69,14 @@ class OverlaySource:
     def __init__(self, source, texts: dict[str, str] | None = None, default: str | None = None, variant: str = ""):
         self.source, self.texts, self.default, self.variant = source, texts or {}, default, variant
         self.kind = source.kind
-
-    def __len__(self) -> int:
-        return len(self.source)
+        self.urls = getattr(source, "urls", None)  # shards: read (and split over ranks) as the source's are
 
     def fingerprint(self) -> list:
         texts = hashlib.sha256(json.dumps([self.texts, self.default], sort_keys=True).encode()).hexdigest()
         return [*self.source.fingerprint(), "overlay", self.variant, texts]
 
-    def torch_dataset(self, transform):
-        inner = self.source.torch_dataset(_as_is)
+    def torch_dataset(self, transform, **options):
+        inner = self.source.torch_dataset(_as_is, **options)
         draw = _Overlay(self.texts, self.default, transform)
         if isinstance(inner, Dataset) and hasattr(inner, "__len__") and not isinstance(inner, IterableDataset):
             return _OverlayMap(inner, draw)
@@ -90,9 +88,9 @@ class _Overlay:
         self.texts, self.default, self.transform = texts, default, transform
 
     def __call__(self, item):
-        image, key, meta = item
+        image, key, meta, *position = item
         text = self.texts.get(key, self.default)
-        return self.transform(burn_text(image, text) if text else image.convert("RGB")), key, meta
+        return self.transform(burn_text(image, text) if text else image.convert("RGB")), key, meta, *position
 
 
 class _OverlayMap(Dataset):
@@ -117,6 +115,16 @@ class _OverlayIterable(IterableDataset):
 # ---------------------------------------------------------------------------------------------------------- probe
 
 
+def overlay_sources(data, clean, labelled, classnames: list[str]) -> dict[str, OverlaySource]:
+    """The two variants of ``data.source``: image i of class c gets ``classnames[(c + 1) % C]``, or the neutral text."""
+    written = (np.asarray(labelled.targets) + 1) % len(classnames)
+    keys = [clean.keys[i] for i in labelled.indices]
+    return {
+        "other_class": OverlaySource(data.source, {k: classnames[w] for k, w in zip(keys, written)}, None, "other"),
+        "neutral": OverlaySource(data.source, None, NEUTRAL_TEXT, "neutral"),
+    }
+
+
 def overlay_probe(
     encoder, data, clean, labelled, classifier: torch.Tensor, classnames: list[str], max_samples: int | None = None
 ) -> dict:
@@ -137,10 +145,7 @@ def overlay_probe(
     clean_features = clean.features[index]
     clean_pred = (clean_features @ classifier).argmax(1).numpy()
     clean_top1 = float((clean_pred == targets).mean())
-    sources = {
-        "other_class": OverlaySource(data.source, {k: classnames[w] for k, w in zip(keys, written)}, None, "other"),
-        "neutral": OverlaySource(data.source, None, NEUTRAL_TEXT, "neutral"),
-    }
+    sources = overlay_sources(data, clean, labelled, classnames)
     out = {"chance": {"top1": classification_chance(targets, len(classnames))["top1"]}}
     for variant, source in sources.items():
         encoded = encoder.images(source, max_samples, desc=f"overlay {variant}", kind="overlay")

@@ -17,12 +17,20 @@ from tqdm import tqdm
 
 from medclip_train.evaluation.bar_charts import save_task_charts
 from medclip_train.evaluation.catalog import Catalog, CatalogEntry, load_catalog
+from medclip_train.evaluation.distributed import (
+    close,
+    default_workers,
+    init_from_env,
+    rank,
+    rank_device,
+    world_size,
+)
 from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.feature_maps import analyse_dataset, analyse_modalities, subset_for_map
 from medclip_train.evaluation.feature_probes import cross_validated_probes, few_shot_probes, format_mean_std
 from medclip_train.evaluation.features import Encoder, FeatureCache
 from medclip_train.evaluation.metrics import BOOTSTRAP_MAX_N, BOOTSTRAP_RESAMPLES
-from medclip_train.evaluation.overlay import VARIANT_NAMES, overlay_probe
+from medclip_train.evaluation.overlay import VARIANT_NAMES, overlay_probe, overlay_sources
 from medclip_train.evaluation.prompts import default_prompt_set
 from medclip_train.evaluation.report import (
     format_interval,
@@ -57,6 +65,17 @@ def model_labels(specs: list[str]) -> list[str]:
 def run_suite(args) -> int:
     from medclip_train.evaluation.model_source import load_for_eval
 
+    try:
+        return _run_suite(args, load_for_eval)
+    finally:
+        close()
+
+
+def _run_suite(args, load_for_eval) -> int:
+    distributed = init_from_env()  # under torchrun: encoding split over the ranks, the rest on rank 0
+    main = rank() == 0
+    device = rank_device(args.device)
+    workers = default_workers() if args.workers is None else args.workers
     catalog = load_catalog(args.catalog)
     present = [e for e in catalog.datasets if e.is_present(args.data_root)]
     skipped = [
@@ -70,18 +89,26 @@ def run_suite(args) -> int:
     cache = FeatureCache(args.cache_dir or output / "feature_cache")
     results: dict[str, dict[str, dict]] = {label: {} for label in labels}
     modality_maps: dict[str, list[str]] = {}
-    with tqdm(total=len(labels) * len(present), desc="suite", unit="dataset", disable=args.no_progress) as bar:
+    total = len(labels) * len(present)
+    with tqdm(total=total, desc="suite", unit="dataset", disable=args.no_progress or not main) as bar:
         for spec, label in zip(args.models, labels):
-            loaded = load_for_eval(spec, args.pretrained, args.device, args.trust_remote_code)
+            loaded = load_for_eval(spec, args.pretrained, device, args.trust_remote_code)
             encoder = Encoder(
                 loaded.model,
                 loaded.tokenizer,
                 loaded.preprocess,
-                device=args.device,
+                device=device,
                 batch_size=args.batch_size,
-                workers=args.workers,
+                workers=workers,
                 cache=cache,
+                bf16=not args.fp32,
+                split_over_ranks=distributed,
             )
+            for entry in present:  # every rank: its share of every image the tasks need, gathered into the cache
+                encode_dataset(encoder, opened[entry.name], entry, args)
+            encoder.split_over_ranks = False  # from here rank 0 alone, from the cache: no collectives
+            if not main:
+                continue
             map_parts = []
             for entry in present:
                 bar.set_postfix_str(f"{label} / {entry.name}")
@@ -94,6 +121,8 @@ def run_suite(args) -> int:
                 plots = analyse_modalities(map_parts, title, f"map_{safe_name(label)}_modality", output / "plots")
                 modality_maps[label] = [f"plots/{p}" for p in plots]
             del encoder, loaded
+    if not main:
+        return 0
     rows = comparison_rows(results, present, labels)
     write_csv(output / "results.csv", csv_rows(rows, labels))
     charts = {
@@ -108,6 +137,7 @@ def run_suite(args) -> int:
             "catalog": catalog.path,
             "data_root": str(args.data_root),
             "models": dict(zip(labels, args.models)),
+            "ranks": world_size(),
             "settings": vars(catalog.settings),
             "results": results,
             "modality_maps": modality_maps,
@@ -124,6 +154,25 @@ def open_entry(entry: CatalogEntry, data_root):
         return entry.open(data_root)
     except EvalInputError as err:
         raise EvalInputError(f"catalog dataset {entry.name}: {err}") from err
+
+
+def suite_prompts(data, classes: list[str]):
+    """The prompts zero-shot uses (as ``evaluate_zeroshot`` picks them), in the order of ``classes``."""
+    prompts = data.prompts or default_prompt_set(classes, data.name)
+    return prompts.subset(classes) if prompts.classes != classes else prompts
+
+
+def encode_dataset(encoder: Encoder, data, entry: CatalogEntry, args) -> None:
+    """Every image encoding the tasks of ``entry`` need, into the cache: the images, and their overlay variants."""
+    encoded = encoder.images(data.source, args.max_samples, desc=entry.name)
+    if "overlay" not in entry.tasks:
+        return
+    labelled = data.targets(encoded.metas)
+    if labelled.multilabel:
+        return
+    classnames = suite_prompts(data, labelled.classes).classnames
+    for variant, source in overlay_sources(data, encoded, labelled, classnames).items():
+        encoder.images(source, args.max_samples, desc=f"{entry.name} overlay {variant}", kind="overlay")
 
 
 def evaluate_dataset(
@@ -146,8 +195,7 @@ def evaluate_dataset(
         return out
     features = encoded.features[torch.as_tensor(labelled.indices)].numpy()
     if "overlay" in entry.tasks:
-        prompts = data.prompts or default_prompt_set(labelled.classes, data.name)  # as evaluate_zeroshot
-        prompts = prompts.subset(labelled.classes) if prompts.classes != labelled.classes else prompts
+        prompts = suite_prompts(data, labelled.classes)
         classifier = zero_shot_classifier(encoder.model, encoder.tokenizer, prompts, encoder.device).cpu()
         out["overlay"] = overlay_probe(
             encoder, data, encoded, labelled, classifier, prompts.classnames, args.max_samples
@@ -327,7 +375,10 @@ def add_suite_parser(commands) -> argparse.ArgumentParser:
     suite.add_argument("--trust-remote-code", action="store_true", help="as for the other commands (off)")
     suite.add_argument("--batch-size", type=int, default=64)
     suite.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    suite.add_argument("--workers", type=int, default=0, help="data loader processes")
+    suite.add_argument(
+        "--workers", type=int, help="loader processes per rank (default: the available cores, shared among the ranks)"
+    )
+    suite.add_argument("--fp32", action="store_true", help="CUDA: encode in float32 (default: bf16 autocast)")
     suite.add_argument("--cache-dir", help="feature cache (default: OUTPUT/feature_cache); reused across runs")
     suite.add_argument("--max-samples", type=int, help="encode at most this many images per dataset")
     suite.add_argument("--no-progress", action="store_true", help="no progress bar")
