@@ -61,7 +61,7 @@ def child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             f = forward(images, text)
-            loss = loss_fn(f["image_features"], f["text_features"], f["logit_scale"])
+            loss = loss_fn(f)["loss"]
             if variant == "backward-under-autocast":
                 loss.backward()
         if variant != "backward-under-autocast":

@@ -157,7 +157,7 @@ def flops_per_sample(
         counter = FlopCounterMode(display=False)
         with counter, sdpa_kernel(SDPBackend.MATH):
             features = model(images, text)
-            loss_fn(features["image_features"], features["text_features"], features["logit_scale"]).backward()
+            loss_fn(features)["loss"].backward()
         out[length] = counter.get_total_flops() / batch_size
         model.zero_grad(set_to_none=True)
     return out

@@ -86,6 +86,24 @@ class LossConfig:
             )
         if self.sm_target_temperature <= 0:
             raise ValueError(f"model.loss.sm_target_temperature must be > 0, got {self.sm_target_temperature}")
+        if self.kind == "siglip" and self.w_sm:
+            raise ValueError("model.loss.w_sm: semantic matching is a softmax objective; use it with loss.kind='clip'")
+        if self.kind == "siglip" and self.w_itc <= 0:
+            raise ValueError(f"model.loss.w_itc: the weight of the SigLIP loss must be > 0, got {self.w_itc}")
+
+
+def check_objective(clip: ModelConfig, loss: LossConfig) -> None:
+    """The checks of a loss against the model it trains (each config is valid alone): SigLIP needs the model's
+    logit bias, and only SigLIP may have one."""
+    if clip.init_logit_bias is not None and loss.kind != "siglip":
+        # A softmax ignores a constant bias: the trainable parameter would never get a gradient, and DDP (second
+        # step: "Expected to have finished reduction") and accumulation (autograd.grad of an unused leaf) fail.
+        raise ValueError(
+            f"model.clip.init_logit_bias={clip.init_logit_bias} is only used by model.loss.kind=siglip, "
+            f"not by model.loss.kind={loss.kind}: remove init_logit_bias or set loss.kind=siglip"
+        )
+    if loss.kind == "siglip" and clip.init_logit_bias is None:
+        raise ValueError("model.loss.kind=siglip needs a logit bias: set model.clip.init_logit_bias (SigLIP: -10.0)")
 
 
 @dataclass
@@ -129,4 +147,4 @@ class OptimConfig:
         self.betas = tuple(self.betas)
 
 
-__all__ = ["ModelConfig", "LossConfig", "OptimConfig", "field"]
+__all__ = ["ModelConfig", "LossConfig", "OptimConfig", "check_objective", "field"]

@@ -1,9 +1,12 @@
 """Training objectives: InfoNCE, MedCLIP's semantic matching, their weighted sum, and SigLIP. Plain torch.
 
-Every loss is called as ``loss(image_features, text_features, logit_scale, image_labels=None, text_labels=None)``
-with L2-normalised features and the *exponentiated* logit scale, exactly what an open_clip model returns in its
-output dict (``logit_scale = model.logit_scale.exp()``). ``logit_bias`` is accepted by all of them so that
-``loss(**model_output, image_labels=...)`` works; only SigLIP uses it (a scalar bias does not change a softmax).
+One interface: ``loss(features, labels=None) -> {"loss": total, <part>: value, ...}``. ``features`` is the output
+dict of an open_clip model (``output_dict=True``): L2-normalised ``image_features`` and ``text_features``, the
+*exponentiated* ``logit_scale`` and, when the model has one, ``logit_bias`` (used by SigLIP only: a scalar bias does
+not change a softmax). ``labels`` is the batch's ``(B, C)`` label vectors (one per study, for both sides), needed by
+semantic matching only. The result holds ``loss``, the total to back-propagate, and each named part unweighted and
+detached, for logging (``itc``, ``sm``). The settings are validated once, in :class:`~medclip_train.config.LossConfig`
+(build a loss from one with :func:`build_loss`); the classes here take them as given.
 
 Distributed training: the softmax losses gather the features of all ranks *with* gradient and compute the rows of
 this rank's samples against the global batch (open_clip's ``local_loss=True, gather_with_grad=True``). With DDP
@@ -14,6 +17,7 @@ serves single-process runs and Lightning's DDP strategy alike. All ranks must ha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +26,9 @@ from torch import nn
 
 from medclip_train.config import LossConfig
 from medclip_train.distributed import gather_no_grad, gather_with_grad, world_info
+
+Features = Mapping[str, torch.Tensor]
+"""An open_clip model's output dict (``output_dict=True``), as the module docstring describes."""
 
 
 @dataclass
@@ -46,11 +53,16 @@ def global_logits(image_features: torch.Tensor, text_features: torch.Tensor, log
     return GlobalLogits(logits_per_image, logits_per_text, offset=rank * image_features.shape[0])
 
 
+def _logits(features: Features) -> GlobalLogits:
+    return global_logits(features["image_features"], features["text_features"], features["logit_scale"])
+
+
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE (CLIP) with a learnable temperature, exact under DDP.
 
     Equal to open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)`` with the rank and world size taken
     from the process group at call time. Labels are accepted and ignored (one call signature for all losses).
+    Returns ``{"loss", "itc"}``.
     """
 
     def __init__(self):
@@ -73,17 +85,9 @@ class ContrastiveLoss(nn.Module):
             F.cross_entropy(logits.logits_per_image, targets) + F.cross_entropy(logits.logits_per_text, targets)
         ) / 2
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        image_labels: torch.Tensor | None = None,
-        text_labels: torch.Tensor | None = None,
-        logit_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scalar loss of ``(B, D)`` unit-norm features and the exponentiated scale."""
-        return self.from_logits(global_logits(image_features, text_features, logit_scale))
+    def forward(self, features: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        loss = self.from_logits(_logits(features))
+        return {"loss": loss, "itc": loss.detach()}
 
 
 class SemanticMatchingLoss(nn.Module):
@@ -108,15 +112,14 @@ class SemanticMatchingLoss(nn.Module):
     * Label vectors are gathered across ranks like the features, so that the targets are those of the global
       batch and the loss stays exact under DDP.
 
-    Label vectors are ``(B, C)``, any numeric dtype (multi-hot, or soft / uncertain values); if only one of
-    ``image_labels`` / ``text_labels`` is given it is used for both sides (one label vector per study).
+    Label vectors are ``(B, C)``, any numeric dtype (multi-hot, or soft / uncertain values). The call takes one
+    label vector per study, for both sides; :meth:`from_logits` takes the image's and the text's apart (if only one
+    is given it is used for both sides). Returns ``{"loss", "sm"}``.
     """
 
     def __init__(self, target_temperature: float = 0.1):
         super().__init__()
-        if target_temperature <= 0:
-            raise ValueError(f"loss.sm_target_temperature must be > 0, got {target_temperature}")
-        self.target_temperature = target_temperature
+        self.target_temperature = target_temperature  # > 0, checked by LossConfig
 
     def soft_targets(self, row_labels: torch.Tensor, column_labels: torch.Tensor, offset: int) -> torch.Tensor:
         """``(B, N)`` target distribution of each local row over the global columns.
@@ -154,18 +157,10 @@ class SemanticMatchingLoss(nn.Module):
             + _soft_cross_entropy(logits.logits_per_text, text_to_image)
         ) / 2
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        image_labels: torch.Tensor | None = None,
-        text_labels: torch.Tensor | None = None,
-        logit_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scalar loss; at least one of ``image_labels`` / ``text_labels`` is required."""
-        logits = global_logits(image_features, text_features, logit_scale)
-        return self.from_logits(logits, image_labels, text_labels)
+    def forward(self, features: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``labels`` is required: ``(B, C)``, an all-zero row for a sample without labels."""
+        loss = self.from_logits(_logits(features), labels, labels)
+        return {"loss": loss, "sm": loss.detach()}
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -179,8 +174,8 @@ def _check_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if image_labels is None and text_labels is None:
         raise ValueError(
-            "SemanticMatchingLoss needs image_labels and/or text_labels of shape (B, C); "
-            "give samples without labels an all-zero row"
+            "SemanticMatchingLoss needs labels (image_labels and/or text_labels) of shape (B, C): the batch's "
+            "'labels' (data.label_top_k > 0); give samples without labels an all-zero row"
         )
     image_labels = text_labels if image_labels is None else image_labels
     text_labels = image_labels if text_labels is None else text_labels
@@ -193,39 +188,25 @@ def _check_labels(
 class CombinedLoss(nn.Module):
     """``w_itc * InfoNCE + w_sm * SemanticMatching``, both from one feature gather.
 
-    A term with weight 0 is not computed (``w_sm=0`` needs no labels). With ``return_parts=True`` the call returns
-    ``(total, parts)`` where ``parts`` holds the unweighted, detached terms (``itc``, ``sm``) for logging.
+    Returns ``{"loss": the weighted sum, "itc", "sm"}`` with the parts unweighted and detached. A part with weight 0
+    is not computed and not returned (``w_sm=0`` needs no labels).
     """
 
     def __init__(self, w_itc: float = 1.0, w_sm: float = 0.0, sm_target_temperature: float = 0.1):
         super().__init__()
-        if w_itc < 0 or w_sm < 0 or w_itc + w_sm == 0:
-            raise ValueError(f"loss.w_itc and loss.w_sm must be >= 0 and not both 0, got {w_itc}, {w_sm}")
-        self.w_itc = w_itc
-        self.w_sm = w_sm
+        self.weights = {"itc": w_itc, "sm": w_sm}  # >= 0 and not both 0, checked by LossConfig
         self.itc = ContrastiveLoss()
         self.sm = SemanticMatchingLoss(sm_target_temperature)
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        image_labels: torch.Tensor | None = None,
-        text_labels: torch.Tensor | None = None,
-        logit_bias: torch.Tensor | None = None,
-        return_parts: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = global_logits(image_features, text_features, logit_scale)
-        terms = {}
-        if self.w_itc:
-            terms["itc"] = (self.w_itc, self.itc.from_logits(logits))
-        if self.w_sm:
-            terms["sm"] = (self.w_sm, self.sm.from_logits(logits, image_labels, text_labels))
-        total = sum(weight * value for weight, value in terms.values())
-        if return_parts:
-            return total, {name: value.detach() for name, (_, value) in terms.items()}
-        return total
+    def forward(self, features: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = _logits(features)
+        parts = {}
+        if self.weights["itc"]:
+            parts["itc"] = self.itc.from_logits(logits)
+        if self.weights["sm"]:
+            parts["sm"] = self.sm.from_logits(logits, labels, labels)
+        total = sum(self.weights[name] * value for name, value in parts.items())
+        return {"loss": total, **{name: value.detach() for name, value in parts.items()}}
 
 
 class SigLIPLoss(nn.Module):
@@ -233,7 +214,7 @@ class SigLIPLoss(nn.Module):
 
     Needs the model's learnable ``logit_bias`` (open_clip models have one when built with ``init_logit_bias``,
     -10 in the paper, and then return it in their output dict). Labels are accepted and ignored.
-    ``return_parts=True`` gives ``(total, {"itc": unweighted loss})``.
+    Returns ``{"loss": weight x the sigmoid loss, "itc": the sigmoid loss}``.
     """
 
     def __init__(self, weight: float = 1.0, dist_impl: str | None = None):
@@ -243,38 +224,23 @@ class SigLIPLoss(nn.Module):
         self.weight = weight
         self.siglip = SigLipLoss(dist_impl=dist_impl)
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        image_labels: torch.Tensor | None = None,
-        text_labels: torch.Tensor | None = None,
-        logit_bias: torch.Tensor | None = None,
-        return_parts: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if logit_bias is None:
+    def forward(self, features: Features, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if features.get("logit_bias") is None:  # an input check (the config's: config.check_objective)
             raise ValueError(
                 "SigLIPLoss needs logit_bias: build the model with a learnable bias (open_clip init_logit_bias, "
                 "e.g. -10) and pass the 'logit_bias' of its output dict"
             )
         self.siglip.rank, self.siglip.world_size = world_info()
-        loss = self.siglip(image_features, text_features, logit_scale, logit_bias)
-        total = self.weight * loss
-        return (total, {"itc": loss.detach()}) if return_parts else total
+        loss = self.siglip(
+            features["image_features"], features["text_features"], features["logit_scale"], features["logit_bias"]
+        )
+        return {"loss": self.weight * loss, "itc": loss.detach()}
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
-    """The objective of a :class:`LossConfig`: :class:`CombinedLoss` (``kind="clip"``) or :class:`SigLIPLoss`.
-
-    For ``kind="siglip"`` the weight ``w_itc`` scales the sigmoid loss; semantic matching (a softmax objective)
-    cannot be added to it.
-    """
+    """The objective of a (validated) :class:`LossConfig`: :class:`CombinedLoss` (``kind="clip"``) or
+    :class:`SigLIPLoss`, whose weight is ``w_itc``."""
     if cfg.kind == "siglip":
-        if cfg.w_sm:
-            raise ValueError("loss.w_sm: semantic matching is a softmax objective; use it with loss.kind='clip'")
-        if cfg.w_itc <= 0:
-            raise ValueError(f"loss.w_itc: the weight of the SigLIP loss must be > 0, got {cfg.w_itc}")
         return SigLIPLoss(weight=cfg.w_itc)
     return CombinedLoss(cfg.w_itc, cfg.w_sm, cfg.sm_target_temperature)
 
@@ -282,6 +248,7 @@ def build_loss(cfg: LossConfig) -> nn.Module:
 __all__ = [
     "CombinedLoss",
     "ContrastiveLoss",
+    "Features",
     "GlobalLogits",
     "SemanticMatchingLoss",
     "SigLIPLoss",

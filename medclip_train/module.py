@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 import lightning as L
 import torch
 
-from medclip_train.config import LossConfig, ModelConfig, OptimConfig
+from medclip_train.config import LossConfig, ModelConfig, OptimConfig, check_objective
 from medclip_train.data.pixels import normalize_pixels
 from medclip_train.losses import build_loss
 from medclip_train.model.factory import build_model, set_fused_attention
@@ -61,13 +61,7 @@ class CLIPModule(L.LightningModule):
         clip, loss, optim = clip or ModelConfig(), loss or LossConfig(), optim or OptimConfig()
         if accumulation_steps < 1:
             raise ValueError(f"model.accumulation_steps must be >= 1, got {accumulation_steps}")
-        if clip.init_logit_bias is not None and loss.kind != "siglip":
-            # A softmax ignores a constant bias: the trainable parameter would never get a gradient, and DDP (second
-            # step: "Expected to have finished reduction") and accumulation (autograd.grad of an unused leaf) fail.
-            raise ValueError(
-                f"model.clip.init_logit_bias={clip.init_logit_bias} is only used by model.loss.kind=siglip, "
-                f"not by model.loss.kind={loss.kind}: remove init_logit_bias or set loss.kind=siglip"
-            )
+        check_objective(clip, loss)
         self.automatic_optimization = False
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(
@@ -86,10 +80,6 @@ class CLIPModule(L.LightningModule):
         self.tokenizer = built.tokenizer
         self.model_cfg = built.model_cfg
         self.preprocess_cfg = built.preprocess_cfg
-        if loss.kind == "siglip" and self.model.logit_bias is None:
-            raise ValueError(
-                "model.loss.kind=siglip needs a logit bias: set model.clip.init_logit_bias (SigLIP: -10.0)"
-            )
         self.loss = build_loss(loss)
         self.accumulation_steps = accumulation_steps
         self.grad_clip_norm = grad_clip_norm
@@ -124,16 +114,10 @@ class CLIPModule(L.LightningModule):
         if self.device.type == "cpu":  # explicit attention is faster there (see set_fused_attention)
             set_fused_attention(self.model, False)
 
-    def _loss(self, out: dict, labels: torch.Tensor | None):
-        return self.loss(
-            out["image_features"],
-            out["text_features"],
-            out["logit_scale"],
-            image_labels=labels,
-            text_labels=labels,
-            **({"logit_bias": out["logit_bias"]} if "logit_bias" in out else {}),
-            return_parts=True,
-        )
+    def _loss(self, out: dict, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total to back-propagate and the named, detached parts to log."""
+        result = self.loss(out, labels)
+        return result["loss"], {name: value for name, value in result.items() if name != "loss"}
 
     def _forward_backward(self, batch: dict):
         images, text, labels = self.images(batch), batch["text"], batch.get("labels")

@@ -31,8 +31,18 @@ def _features(batch: int = 8, dim: int = 16, seed: int = 0):
     return image, text, log_scale
 
 
-def _loss_and_grads(loss_fn, image, text, log_scale, **kwargs):
-    loss = loss_fn(F.normalize(image, dim=-1), F.normalize(text, dim=-1), log_scale.exp(), **kwargs)
+def _output(image, text, scale, logit_bias=None) -> dict:
+    """An open_clip model's output dict (``output_dict=True``), what our losses take."""
+    out = {"image_features": image, "text_features": text, "logit_scale": scale}
+    return out if logit_bias is None else {**out, "logit_bias": logit_bias}
+
+
+def _loss_and_grads(loss_fn, image, text, log_scale, labels=None, logit_bias=None):
+    features = _output(F.normalize(image, dim=-1), F.normalize(text, dim=-1), log_scale.exp(), logit_bias)
+    if isinstance(loss_fn, (ClipLoss, SigLipLoss)):  # open_clip's reference: the tensors as arguments
+        loss = loss_fn(**features)
+    else:
+        loss = loss_fn(features, labels)["loss"]
     grads = torch.autograd.grad(loss, (image, text, log_scale))
     return loss.detach(), grads
 
@@ -66,14 +76,14 @@ def test_contrastive_caches_targets_per_device_and_batch_size():
     loss = ContrastiveLoss()
     for batch in (4, 4, 3):
         image, text, log_scale = _features(batch)
-        loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), log_scale.exp())
+        loss(_output(F.normalize(image, dim=-1), F.normalize(text, dim=-1), log_scale.exp()))
     assert sorted(key[1] for key in loss._targets) == [3, 4]
 
 
 def test_semantic_matching_with_distinct_labels_and_cold_targets_is_infonce():
     image, text, log_scale = _features()
     labels = torch.eye(8)  # every sample its own finding
-    ours, our_grads = _loss_and_grads(SemanticMatchingLoss(1e-4), image, text, log_scale, image_labels=labels)
+    ours, our_grads = _loss_and_grads(SemanticMatchingLoss(1e-4), image, text, log_scale, labels=labels)
     ref, ref_grads = _loss_and_grads(ContrastiveLoss(), image, text, log_scale)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
     for a, b in zip(our_grads, ref_grads):
@@ -111,8 +121,8 @@ def _same_finding_batch(swap: bool):
 
 def test_semantic_matching_lowers_the_penalty_for_same_label_pairs():
     image, text, scale, labels = _same_finding_batch(swap=True)
-    infonce = ContrastiveLoss()(image, text, scale)
-    sm = SemanticMatchingLoss(0.1)(image, text, scale, image_labels=labels)
+    infonce = ContrastiveLoss()(_output(image, text, scale))["loss"]
+    sm = SemanticMatchingLoss(0.1)(_output(image, text, scale), labels)["loss"]
     assert sm < 0.6 * infonce
 
     # Where each image is nearest its own report, InfoNCE still pushes report 1 away from image 0 (positive
@@ -131,11 +141,11 @@ def test_semantic_matching_lowers_the_penalty_for_same_label_pairs():
 def test_semantic_matching_rows_without_labels():
     image, text, log_scale = _features(6)
     labels = torch.tensor([[1, 0], [1, 0], [0, 0], [0, 1], [0, 0], [0, 1]])
-    loss, grads = _loss_and_grads(SemanticMatchingLoss(0.1), image, text, log_scale, image_labels=labels)
+    loss, grads = _loss_and_grads(SemanticMatchingLoss(0.1), image, text, log_scale, labels=labels)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     # No labels at all: identity target everywhere, i.e. InfoNCE whatever the temperature.
     none, none_grads = _loss_and_grads(
-        SemanticMatchingLoss(0.7), image, text, log_scale, image_labels=torch.zeros(6, 3), text_labels=torch.zeros(6, 3)
+        SemanticMatchingLoss(0.7), image, text, log_scale, labels=torch.zeros(6, 3)
     )
     ref, ref_grads = _loss_and_grads(ContrastiveLoss(), image, text, log_scale)
     torch.testing.assert_close(none, ref, atol=1e-6, rtol=0)
@@ -146,11 +156,11 @@ def test_semantic_matching_rows_without_labels():
 def test_semantic_matching_label_errors():
     image, text, log_scale = _features(4)
     with pytest.raises(ValueError, match="image_labels and/or text_labels"):
-        SemanticMatchingLoss()(image, text, log_scale.exp())
+        SemanticMatchingLoss()(_output(image, text, log_scale.exp()))
     with pytest.raises(ValueError, match=r"text_labels must have shape \(B=4"):
-        SemanticMatchingLoss()(image, text, log_scale.exp(), image_labels=torch.eye(4), text_labels=torch.eye(3))
-    with pytest.raises(ValueError, match="sm_target_temperature"):
-        SemanticMatchingLoss(0.0)
+        SemanticMatchingLoss().from_logits(global_logits(image, text, log_scale.exp()), torch.eye(4), torch.eye(3))
+    with pytest.raises(ValueError, match="sm_target_temperature"):  # checked in one place: the config
+        build_loss(LossConfig(w_sm=1.0, sm_target_temperature=0.0))
 
 
 def test_semantic_matching_under_bf16_autocast_keeps_soft_targets_in_fp32():
@@ -166,12 +176,16 @@ def test_semantic_matching_under_bf16_autocast_keeps_soft_targets_in_fp32():
     assert targets[0, 0] == torch.tensor(1 / 3) and targets[3, 3] == torch.tensor(1 / 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = global_logits(image, text, scale)
-        loss = sm(image, text, scale, image_labels=labels)
+        loss = sm(_output(image, text, scale), labels)["loss"]
     assert logits.logits_per_image.dtype == torch.bfloat16, "the test needs bf16 logits"
     fp32 = GlobalLogits(logits.logits_per_image.float(), logits.logits_per_text.float(), logits.offset)
     reference = sm.from_logits(fp32, labels, labels)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, reference, atol=1e-6, rtol=0)
+
+
+def _total_and_parts(result: dict) -> tuple[torch.Tensor, dict]:
+    return result["loss"], {name: value for name, value in result.items() if name != "loss"}
 
 
 def test_combined_weights_and_parts():
@@ -180,20 +194,20 @@ def test_combined_weights_and_parts():
     labels = torch.randint(0, 2, (8, 5))
     loss = build_loss(LossConfig(w_itc=0.3, w_sm=2.0, sm_target_temperature=0.2))
     assert isinstance(loss, CombinedLoss)
-    total, parts = loss(image, text, scale, image_labels=labels, return_parts=True)
-    itc = ContrastiveLoss()(image, text, scale)
-    sm = SemanticMatchingLoss(0.2)(image, text, scale, image_labels=labels)
+    total, parts = _total_and_parts(loss(_output(image, text, scale), labels))
+    itc = ContrastiveLoss()(_output(image, text, scale))["loss"]
+    sm = SemanticMatchingLoss(0.2)(_output(image, text, scale), labels)["loss"]
     torch.testing.assert_close(parts["itc"], itc.detach())
     torch.testing.assert_close(parts["sm"], sm.detach())
     torch.testing.assert_close(total, 0.3 * itc + 2.0 * sm)
     assert total.requires_grad and not any(p.requires_grad for p in parts.values())
     # Default config: InfoNCE only, no labels needed, logit_bias accepted (model output dicts pass it).
     itc_only = build_loss(LossConfig())
-    total, parts = itc_only(image, text, scale, logit_bias=torch.tensor(-1.0), return_parts=True)
+    total, parts = _total_and_parts(itc_only(_output(image, text, scale, logit_bias=torch.tensor(-1.0))))
     assert set(parts) == {"itc"}
     torch.testing.assert_close(total, itc)
-    with pytest.raises(ValueError, match="loss.w_itc"):
-        CombinedLoss(0.0, 0.0)
+    with pytest.raises(ValueError, match="loss.w_itc"):  # checked in one place: the config
+        build_loss(LossConfig(w_itc=0.0, w_sm=0.0))
 
 
 def test_siglip_option_matches_open_clip():
@@ -206,11 +220,11 @@ def test_siglip_option_matches_open_clip():
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
     for a, b in zip(our_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    total, parts = loss(
-        F.normalize(image, dim=-1), F.normalize(text, dim=-1), log_scale.exp(), logit_bias=bias, return_parts=True
+    total, parts = _total_and_parts(
+        loss(_output(F.normalize(image, dim=-1), F.normalize(text, dim=-1), log_scale.exp(), logit_bias=bias))
     )
     torch.testing.assert_close(parts["itc"], ref)
     with pytest.raises(ValueError, match="logit_bias"):
-        loss(image, text, log_scale.exp())
+        loss(_output(image, text, log_scale.exp()))
     with pytest.raises(ValueError, match="loss.w_sm"):
         build_loss(LossConfig(kind="siglip", w_sm=1.0))

@@ -68,7 +68,7 @@ def _make(case: str):
 
 def _step(model, loss_fn, images, texts, labels, wrapper=None):
     out = (wrapper or model)(images, texts)
-    loss = loss_fn(**out, image_labels=labels, text_labels=labels)
+    loss = loss_fn(out, labels)["loss"]
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 

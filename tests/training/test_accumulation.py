@@ -48,7 +48,7 @@ def reference_grads(module: CLIPModule, batch: dict, micro_batches: int = 1) -> 
     model.zero_grad(set_to_none=True)
     for images, text in zip(batch["image"].chunk(micro_batches), batch["text"].chunk(micro_batches)):
         out = model(images, text)
-        loss = module.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        loss = module.loss(out)["loss"]
         (loss / micro_batches).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 

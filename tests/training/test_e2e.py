@@ -37,7 +37,7 @@ def fixed_batch_loss(module: CLIPModule, batch: dict) -> float:
     module.eval()
     with torch.no_grad():
         out = module.model(module.images(batch), batch["text"])
-        return float(module.loss(out["image_features"], out["text_features"], out["logit_scale"]))
+        return float(module.loss(out)["loss"])
 
 
 def test_train_fit_writes_run_folder_and_loss_goes_down(tmp_path, tiny_tokenizer_dir):
