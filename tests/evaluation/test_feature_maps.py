@@ -39,6 +39,12 @@ def test_well_separated_clusters_are_pure_and_chance_is_the_sum_of_squared_share
     assert purity_chance(np.array([0, 0, 0, 1])) == pytest.approx(0.75**2 + 0.25**2)
 
 
+def test_k_is_lowered_below_the_smallest_class_so_separated_classes_score_one():
+    features, targets = clusters(per_class=6)  # k = 10 would cap purity at 5/10 = chance
+    metrics = feature_metrics(features, targets)
+    assert (metrics["knn_purity"], metrics["knn_purity_k"]) == (1.0, 5)
+
+
 def test_silhouette_is_scikit_learns_cosine_silhouette():
     rng = np.random.default_rng(1)
     features, targets = rng.normal(size=(30, 8)), rng.integers(0, 3, 30)
