@@ -213,10 +213,11 @@ class MedCLIPCLI(LightningCLI):
 
 
 def refuse_untested_strategy(strategy) -> None:
-    """Lightning's FSDP strategies (``fsdp``, ``fsdp_cpu_offload``, ``FSDPStrategy``) are refused: the training
-    loop's GradCache re-forward, ``clip_grad_norm_`` (a norm over this rank's shards only under FSDP) and the
-    non-finite skip (which ranks must agree on) have not been checked under them; Lightning runs FSDP on GPUs only,
-    so the CPU suite cannot, and no GPU check has run yet."""
+    """Lightning's FSDP1 strategies (``fsdp``, ``fsdp_cpu_offload``, ``FSDPStrategy``) are refused: the training
+    loop's GradCache re-forward, ``clip_grad_norm_`` (a norm over this rank's shards only under FSDP1) and the
+    non-finite skip (which ranks must agree on) have not been checked under them; Lightning runs FSDP1 on GPUs only,
+    so the CPU suite cannot. FSDP2 (``ModelParallelStrategy``, ``CLIPModule.configure_model``) runs on CPU and is
+    tested (tests/training/test_fsdp.py)."""
     if strategy is None or isinstance(strategy, str):
         name = strategy
     elif hasattr(strategy, "get"):  # a class_path config (jsonargparse Namespace or dict)
@@ -225,9 +226,11 @@ def refuse_untested_strategy(strategy) -> None:
         name = type(strategy).__name__
     if name and "fsdp" in str(name).lower():
         raise ValueError(
-            f"trainer.strategy: {name} is not supported with this training loop yet (GradCache, gradient clipping "
-            "and the non-finite step skip are unchecked over sharded parameters; that needs a GPU check); use "
-            "--trainer.strategy ddp, with --model.accumulation_steps and --model.clip.grad_checkpointing for memory"
+            f"trainer.strategy: {name} (FSDP1) is not supported with this training loop (Lightning runs it on GPUs "
+            "only, so GradCache, clipping over shards and the non-finite skip are unchecked there until a GPU check); "
+            "use FSDP2: --trainer.strategy ModelParallelStrategy --trainer.strategy.data_parallel_size <processes> "
+            "--trainer.strategy.tensor_parallel_size 1 --trainer.strategy.save_distributed_checkpoint false, "
+            "or --trainer.strategy ddp"
         )
 
 

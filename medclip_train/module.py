@@ -94,6 +94,7 @@ class CLIPModule(L.LightningModule):
             value = torch.tensor(self.preprocess_cfg[name], dtype=torch.float32)
             self.register_buffer(f"pixel_{name}", value, persistent=False)
         self._consecutive_skips = 0
+        self._unsharded_params: list[torch.nn.Parameter] | None = None  # set when FSDP2 shards the model
 
     # ---- data side -------------------------------------------------------------------------------------------------
     def configure_data(self, datamodule) -> None:
@@ -108,6 +109,53 @@ class CLIPModule(L.LightningModule):
     def images(self, batch: dict) -> torch.Tensor:
         """The batch's images as model input: uint8 pixels from the loader are normalised here, on the device."""
         return normalize_pixels(batch["image"], self.pixel_mean, self.pixel_std)
+
+    # ---- sharding ----------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy``: the CLIP model's parameters are sharded over the ranks
+        (``fully_shard``); other strategies leave the model as it is.
+
+        The scalar parameters (``logit_scale``, ``logit_bias``: open_clip's shapes, kept so that exports load there)
+        cannot be sharded: they stay whole on every rank, and ``_clip_gradients`` averages their gradients as DDP
+        would. The whole model is one FSDP unit: parameters are gathered for the forward and freed after it.
+        """
+        mesh = self.device_mesh  # set by ModelParallelStrategy only
+        if mesh is None or self._unsharded_params is not None:
+            return
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                "trainer.strategy: ModelParallelStrategy here shards over data-parallel ranks only (no tensor-"
+                f"parallel plan), got tensor_parallel_size={mesh['tensor_parallel'].size()}; pass "
+                "--trainer.strategy.data_parallel_size <number of processes> --trainer.strategy.tensor_parallel_size 1"
+            )
+        from torch.distributed.fsdp import fully_shard
+
+        self._unsharded_params = [p for p in self.model.parameters() if p.dim() == 0]
+        fully_shard(self.model, mesh=mesh["data_parallel"], ignored_params=set(self._unsharded_params))
+
+    def _clip_gradients(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip to ``max_norm`` the norm of the gradient over all ranks; returns that norm (the same on every rank,
+        so that every rank skips a non-finite step or none does)."""
+        if self._unsharded_params is None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        # FSDP2: sharded gradients are DTensors, whose norm is reduced over the ranks; the unsharded scalars' are
+        # plain per-rank tensors, averaged here. clip_grad_norm_ takes one kind or the other, not both.
+        import torch.distributed as dist
+
+        whole = [p for p in params if any(p is q for q in self._unsharded_params)]
+        for p in whole:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in whole])] if whole else []
+        sharded = [p.grad for p in params if not any(p is q for q in whole)]
+        if sharded:
+            norm = torch.nn.utils.get_total_norm(sharded, foreach=True)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in params:  # on the local shard of a DTensor: the same factor on every rank
+            (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).mul_(scale)
+        return total
 
     # ---- training ----------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -199,7 +247,7 @@ class CLIPModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.grad_clip_norm if self.grad_clip_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        grad_norm = self._clip_gradients(params, max_norm)
         self._last_grad_norm = grad_norm.detach()
         if optimizer.defaults.get("fused"):
             self._skip_on_device(optimizer, ~torch.isfinite(grad_norm))
