@@ -31,7 +31,7 @@ def fixed_batch_loss(module: CLIPModule, state: dict, batch: dict) -> float:
     module.model.eval()
     with torch.no_grad():
         out = module.model(module.images(batch), batch["text"])
-        return float(module.loss(out["image_features"], out["text_features"], out["logit_scale"]))
+        return float(module.loss(out)["loss"])
 
 
 def test_bf16_mixed_on_cpu_trains(tmp_path, shards, tok):
