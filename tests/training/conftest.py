@@ -63,6 +63,11 @@ class WaitForFile(L.Callback):
             time.sleep(0.1)
 
 
+def _nan_total(loss_module, args, out: dict) -> dict:
+    """Forward hook of a loss: its total (what is back-propagated) made NaN."""
+    return {**out, "loss": out["loss"] * float("nan")}
+
+
 class NaNLoss(L.Callback):
     """Makes the loss NaN at the given global steps (all steps if ``steps`` is None), as an fp16 overflow would.
 
@@ -78,7 +83,7 @@ class NaNLoss(L.Callback):
         self._step = trainer.global_step
         self._before = _snapshot(pl_module, trainer.optimizers[0])
         if self.steps is None or self._step in self.steps:
-            self._hook = pl_module.loss.register_forward_hook(lambda m, args, out: (out[0] * float("nan"), out[1]))
+            self._hook = pl_module.loss.register_forward_hook(_nan_total)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._remove_hook()
