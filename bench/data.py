@@ -102,7 +102,7 @@ def measure_ours(shards: str, tokenizer: str, workers: int, batches: int, warmup
 
     dm = WebDataModule(train=shards, batch_size=BATCH_SIZE, num_workers=workers, shuffle_buffer=1000)
     preprocess = get_preset("bench_cpu_vit_tiny_bert_mini")["preprocess_cfg"]
-    dm.configure(HFTokenizer(tokenizer, context_length=CONTEXT_LENGTH), {**preprocess, "size": IMAGE_SIZE})
+    dm.connect(HFTokenizer(tokenizer, context_length=CONTEXT_LENGTH), {**preprocess, "size": IMAGE_SIZE})
     loader = dm.train_dataloader()
     loader.world = (0, 1)
     return _time_batches(((b["image"], b["text"]) for b in loader), batches, warmup)

@@ -40,7 +40,7 @@ def measure(shards: str, tokenizer: str, workers: int, initial: int, batches: in
 
     dm = WebDataModule(train=shards, batch_size=BATCH_SIZE, num_workers=workers, shuffle_buffer=BUFFER)
     preprocess = get_preset("bench_cpu_vit_tiny_bert_mini")["preprocess_cfg"]
-    dm.configure(HFTokenizer(tokenizer, context_length=128), {**preprocess, "size": 224})
+    dm.connect(HFTokenizer(tokenizer, context_length=128), {**preprocess, "size": 224})
     loader = dm.train_dataloader()
     loader.world = (0, 1)
     loader.dataset.spec.shuffle_initial = initial

@@ -101,6 +101,15 @@ def short_parse_error(message: str, parser) -> str:
 
 
 class MedCLIPCLI(LightningCLI):
+    def add_core_arguments_to_parser(self, parser) -> None:
+        # Lightning's, with `data` before `model`: jsonargparse instantiates the groups in the order they were added,
+        # so WebDataModule's constructor checks the shards (they exist, sizes.json for exact epochs) before the towers
+        # and their weights are built, and a missing shard is reported at once (test_refused_combinations.py).
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -144,11 +153,7 @@ class MedCLIPCLI(LightningCLI):
         refuse_untested_strategy(trainer.get("strategy"))
         trainer["log_every_n_steps"] = log_interval(trainer.get("log_every_n_steps"), trainer.get("max_steps"))
         trainer["num_nodes"] = launcher_num_nodes(trainer.get("num_nodes"))  # the world torchrun/SLURM started
-        # The data config is checked first (shards exist, sizes.json for exact epochs): a missing shard must not
-        # wait for the towers and their weights to be built. WebDataModule's constructor only reads file lists.
-        data = cfg.get("data")
-        if data is not None:
-            WebDataModule(**(data.as_dict() if hasattr(data, "as_dict") else dict(data)))
+        check_labels_for_loss(cfg.get("model"), cfg.get("data"))
         if cfg["checkpoint"].get("dirpath") is None:
             cfg["checkpoint"]["dirpath"] = root
         if self.subcommand in (None, "fit"):
@@ -195,6 +200,12 @@ class MedCLIPCLI(LightningCLI):
         if cfg.get("ckpt_path"):
             keep_previous_metrics(root)
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The one link between model and data, in one direction: the data side gets the model's tokenizer and
+        # image preprocessing (WebDataModule.connect); the module never calls the data module.
+        self.datamodule.connect(self.model.tokenizer, self.model.preprocess_cfg)
+
     def instantiate_trainer(self, **kwargs):
         # checkpoint and eval callbacks are added by LightningCLI itself (add_lightning_class_args);
         # RunSummary goes last so that it sees the final evaluation.
@@ -232,6 +243,23 @@ def refuse_untested_strategy(strategy) -> None:
             "--trainer.strategy.tensor_parallel_size 1 --trainer.strategy.save_distributed_checkpoint false, "
             "or --trainer.strategy ddp"
         )
+
+
+def check_labels_for_loss(model, data) -> None:
+    """Semantic matching (``model.loss.w_sm > 0``) needs the batch's label vectors, which the data module makes only
+    with ``data.label_top_k > 0``: refused before anything is built."""
+    loss = _field(model, "loss")
+    if loss is None or data is None:
+        return
+    if _field(loss, "kind") == "clip" and (_field(loss, "w_sm") or 0) > 0 and not _field(data, "label_top_k"):
+        raise ValueError("model.loss.w_sm > 0 needs label vectors: set data.label_top_k > 0")
+
+
+def _field(config, name: str):
+    """A field of a parsed config section (a jsonargparse Namespace or a dataclass), or None."""
+    if config is None:
+        return None
+    return config.get(name) if hasattr(config, "get") else getattr(config, name, None)
 
 
 def log_interval(configured: int | None, max_steps: int | None) -> int | None:

@@ -84,7 +84,6 @@ class CLIPModule(L.LightningModule):
         self.accumulation_steps = accumulation_steps
         self.grad_clip_norm = grad_clip_norm
         self.max_consecutive_skips = max_consecutive_skips
-        self.label_vocab = None
         self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long), persistent=True)
@@ -96,13 +95,7 @@ class CLIPModule(L.LightningModule):
         self._consecutive_skips = 0
         self._unsharded_params: list[torch.nn.Parameter] | None = None  # set when FSDP2 shards the model
 
-    # ---- data side -------------------------------------------------------------------------------------------------
-    def configure_data(self, datamodule) -> None:
-        datamodule.configure(self.tokenizer, self.preprocess_cfg)
-        self.label_vocab = datamodule.vocab
-        if self.loss_cfg.w_sm > 0 and self.loss_cfg.kind == "clip" and self.label_vocab is None:
-            raise ValueError("model.loss.w_sm > 0 needs label vectors: set data.label_top_k > 0")
-
+    # ---- data side (the data module is handed tokenizer and preprocess_cfg once: WebDataModule.connect) ---------
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(image, text)
 
@@ -224,9 +217,6 @@ class CLIPModule(L.LightningModule):
         return loss.detach(), parts
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "on_train_batch_consumed"):
-            datamodule.on_train_batch_consumed(batch["image"].shape[0])
         opt = self.optimizers()
         result = {}
 
@@ -343,11 +333,6 @@ class CLIPModule(L.LightningModule):
     def on_train_end(self) -> None:
         # A run shorter than TRUNCATION_SAMPLE captions reports what it saw (self.log is not allowed here).
         self._report_cut_captions(log=False)
-
-    def on_train_epoch_end(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "on_train_epoch_done"):
-            datamodule.on_train_epoch_done()
 
     # ---- validation -------------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -145,6 +145,7 @@ def test_open_clip_folder_is_imported_and_training_starts_from_it(tmp_path, tiny
 
     shards = make_shards(tmp_path / "shards", [8], image_size=64)
     dm = WebDataModule(train=shard_pattern(shards), batch_size=8, num_workers=0)
+    dm.connect(module.tokenizer, module.preprocess_cfg)
     trainer = bare_trainer()
     trainer.fit(module, datamodule=dm)
     moved = max(

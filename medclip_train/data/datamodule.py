@@ -9,6 +9,11 @@ worker skips the raw samples it had already delivered (read, not decoded), so th
 batches not yet trained on, sample for sample (the DataLoader may interleave its workers' batches in another order).
 Resampled mode: the remaining batches of the virtual epoch are drawn with a new random stream (the restart count
 enters the seed), so the samples already trained on are not replayed in the same order.
+
+One direction: the model decides the tokenizer and the image preprocessing, and whoever builds both (the CLI, a
+script, a test) hands them over once with :meth:`WebDataModule.connect`; the data module never calls the model. It
+keeps its own position: :class:`StreamPosition`, a callback it adds to the trainer it is set up in, counts each
+training batch and the end of each epoch, and ``state_dict`` / ``load_state_dict`` checkpoint it.
 """
 
 from __future__ import annotations
@@ -47,8 +52,24 @@ class StreamLoader(DataLoader):
     def __len__(self) -> int:
         # The whole epoch, also after a resume: Lightning restores its own count of the batches already done in
         # the epoch and ends the epoch when that count reaches len(); the remaining length would end it early.
-        self.dataset.spec.world = self.world or world_info()
-        return len(self.dataset)
+        return sum(self.dataset.batches_per_worker(self.world or world_info()))
+
+
+class StreamPosition(L.Callback):
+    """The data module's position in the stream, moved by the trainer's loop (added by ``WebDataModule.setup``).
+
+    A batch counts as consumed when its step starts (a checkpoint after the step then holds it as trained on);
+    Lightning's epoch end moves the position to the next epoch when the whole epoch was consumed.
+    """
+
+    def __init__(self, data: WebDataModule):
+        self.data = data
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.data.on_train_batch_consumed(batch["image"].shape[0])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.data.on_train_epoch_done()
 
 
 class WebDataModule(L.LightningDataModule):
@@ -149,8 +170,10 @@ class WebDataModule(L.LightningDataModule):
             check_local_shards_exist(expand_urls(self.val), "data.val")
         return urls, sizes, source_of_shard
 
-    def configure(self, tokenizer, preprocess_cfg: dict, vocab: LabelVocab | None = None) -> None:
-        """Give the data side what the model decides: tokenizer, image size, mean/std, label vocabulary."""
+    def connect(self, tokenizer, preprocess_cfg: dict, vocab: LabelVocab | None = None) -> None:
+        """Hand the data side what the model decides, once, before the loaders are built: tokenizer, image size and
+        mean/std (the model's ``tokenizer`` and ``preprocess_cfg``); a label vocabulary, or with ``label_top_k`` the
+        one built from the manifests' label counts."""
         self.tokenizer = tokenizer
         self.preprocess_cfg = dict(preprocess_cfg)
         if vocab is not None:
@@ -165,10 +188,13 @@ class WebDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not hasattr(module, "tokenizer"):
-                raise RuntimeError("WebDataModule needs configure(tokenizer, preprocess_cfg) or a CLIP module")
-            module.configure_data(self)
+            raise RuntimeError(
+                "WebDataModule.connect(model.tokenizer, model.preprocess_cfg) must be called before fitting (the CLI "
+                "does it): the data side needs the model's tokenizer and image preprocessing"
+            )
+        trainer = self.trainer
+        if trainer is not None and not any(isinstance(c, StreamPosition) and c.data is self for c in trainer.callbacks):
+            trainer.callbacks.append(StreamPosition(self))
 
     # ---- loaders -------------------------------------------------------------------------------------------------
     def _spec(self, urls, sizes, train: bool, batch_size: int) -> StreamSpec:
@@ -218,7 +244,7 @@ class WebDataModule(L.LightningDataModule):
         spec = self._spec(urls, shard_sizes(urls, "data.val"), False, self.val_batch_size)
         return self._loader(spec, False)
 
-    # ---- stream position -----------------------------------------------------------------------------------------
+    # ---- stream position (moved by StreamPosition) ---------------------------------------------------------------
     def on_train_batch_consumed(self, n_samples: int) -> None:
         self.stream_state["batches_in_epoch"] += 1
         self.stream_state["samples_in_epoch"] += n_samples
@@ -297,4 +323,4 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["WebDataModule", "ShardSource", "StreamLoader"]
+__all__ = ["ShardSource", "StreamLoader", "StreamPosition", "WebDataModule"]

@@ -92,9 +92,10 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.spec = spec
 
-    def batches_per_worker(self) -> list[int]:
+    def batches_per_worker(self, world: tuple[int, int] | None = None) -> list[int]:
+        """Batches of each worker of one rank in an epoch, on ``world`` (rank, world size); default: the spec's."""
         s = self.spec
-        rank, world_size = s.world
+        _, world_size = world or s.world
         if s.mode == "exact":
             return exact_worker_batches(sum(s.sizes), world_size, s.batch_size, max(s.num_workers, 1))
         return resampled_worker_batches(s.samples_per_epoch, world_size, s.batch_size, max(s.num_workers, 1))

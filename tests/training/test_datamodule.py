@@ -32,7 +32,7 @@ def tokenizer(tiny_tokenizer_dir):
 
 def make_dm(tokenizer, train, **kwargs) -> WebDataModule:
     dm = WebDataModule(train=train, **{"batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, **kwargs})
-    dm.configure(tokenizer, PREPROCESS)
+    dm.connect(tokenizer, PREPROCESS)
     return dm
 
 
@@ -240,3 +240,28 @@ def test_a_local_glob_names_the_shards_in_order(tmp_path):
     assert dm._train_urls == [str(p) for p in paths] and dm._train_sizes == [3, 3, 3]
     with pytest.raises(ValueError, match="matches no shard"):
         WebDataModule(train=str(tmp_path / "val-*.tar"), batch_size=4, num_workers=0)
+
+
+def test_the_length_of_an_epoch_leaves_the_stream_spec_as_it_is(tmp_path, tokenizer):
+    """``len(loader)`` is asked by Lightning at any time; it used to write the world into the workers' spec."""
+    dm = make_dm(tokenizer, shard_pattern(make_shards(tmp_path, [8, 8])))
+    loader = dm.train_dataloader()
+    loader.world = (1, 2)
+    assert len(loader) == 2  # 16 samples over 2 ranks in batches of 4
+    assert loader.dataset.spec.world == (0, 1)
+
+
+def test_the_data_module_keeps_its_position_in_a_plain_trainer(tmp_path, tiny_tokenizer_dir):
+    """No CLI: the data module adds its own StreamPosition callback; the module calls nothing on it. 16 samples in
+    batches of 4 are 4 batches an epoch, so 5 steps are a whole epoch and one batch of the next."""
+    from medclip_train.data.datamodule import StreamPosition
+    from medclip_train.module import CLIPModule
+    from tests.training.conftest import bare_trainer
+
+    module = CLIPModule(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
+    dm = WebDataModule(train=shard_pattern(make_shards(tmp_path, [8, 8])), batch_size=4, num_workers=0)
+    dm.connect(module.tokenizer, module.preprocess_cfg)
+    trainer = bare_trainer(max_steps=5)
+    trainer.fit(module, datamodule=dm)
+    assert [c.data for c in trainer.callbacks if isinstance(c, StreamPosition)] == [dm]
+    assert dm.stream_state == {"epoch": 1, "batches_in_epoch": 1, "samples_in_epoch": 4, "restarts": 0}

@@ -85,7 +85,7 @@ def test_train_fit_writes_run_folder_and_loss_goes_down(tmp_path, tiny_tokenizer
     # The fixed batch comes through the eval transform (centre crop): no random crop, so it does not depend on how
     # much of the global RNG earlier tests in this process consumed.
     dm = WebDataModule(val=shard_pattern(shards), batch_size=16, num_workers=0)
-    module.configure_data(dm)
+    dm.connect(module.tokenizer, module.preprocess_cfg)
     batch = next(iter(dm.val_dataloader()))
     before = fixed_batch_loss(module, batch)
     ckpt = read_project_checkpoint(run_dir / "last.ckpt")

@@ -57,6 +57,7 @@ class ReadsPerStep(L.Callback):
 def test_a_training_step_reads_no_device_value_outside_logging_steps(tmp_path, tiny_tokenizer_dir):
     module = CLIPModule(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
     dm = WebDataModule(train=shard_pattern(make_shards(tmp_path, [16], image_size=64)), batch_size=4, num_workers=0)
+    dm.connect(module.tokenizer, module.preprocess_cfg)
     counter = ReadsPerStep()
     trainer = bare_trainer(
         max_steps=8,

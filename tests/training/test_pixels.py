@@ -48,7 +48,7 @@ def test_loader_batches_normalise_to_open_clip_float_pipeline(tmp_path, tokenize
     open_clip's float transform of the same decoded bytes."""
     paths = make_shards(tmp_path, [4], image_size=64)
     dm = WebDataModule(train=shard_pattern(paths), batch_size=4, num_workers=0, shuffle_buffer=0, train_scale=(1, 1))
-    dm.configure(tokenizer, PREPROCESS)
+    dm.connect(tokenizer, PREPROCESS)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, 32, 32)
     with tarfile.open(paths[0]) as tf:

@@ -49,7 +49,7 @@ def test_bf16_mixed_on_cpu_trains(tmp_path, shards, tok):
     # Before and after, in fp32 on the 16 training samples.
     module = CLIPModule(ModelConfig(preset="tiny", tokenizer=str(tok)))
     dm = WebDataModule(train=pattern, batch_size=16, num_workers=0, shuffle_buffer=0)
-    module.configure_data(dm)
+    dm.connect(module.tokenizer, module.preprocess_cfg)
     loader = dm.train_dataloader()
     loader.dataset.spec.shuffle = False
     batch = next(iter(loader))

@@ -62,3 +62,25 @@ def test_logit_bias_with_infonce_is_refused_at_config_time(tmp_path, shards, tok
     line = one_line_error(capsys)
     assert "model.clip.init_logit_bias" in line and "model.loss.kind" in line
     assert not (root / "last.ckpt").exists()
+
+
+def test_semantic_matching_without_labels_is_refused_naming_both(tmp_path, shards, tok, capsys):
+    # The loss needs the batch's label vectors, which the data module makes only with data.label_top_k > 0.
+    root = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fit_args(tok, shards([8]), root, "--model.loss.w_sm", "1.0"))
+    assert exit_info.value.code == 2
+    line = one_line_error(capsys)
+    assert "model.loss.w_sm" in line and "data.label_top_k" in line
+    assert not (root / "last.ckpt").exists()
+
+
+def test_a_missing_shard_is_reported_before_the_model_is_built(tmp_path, capsys):
+    # The tokenizer folder does not exist either: building the model would fail on it first. The data module is
+    # instantiated before the model, so the user hears of the shard (data.train) without waiting for the towers.
+    missing = str(tmp_path / "shards" / "train-{000000..000001}.tar")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fit_args(tmp_path / "no-tokenizer", missing, tmp_path / "run"))
+    assert exit_info.value.code == 2
+    line = one_line_error(capsys)
+    assert line.startswith("error: data.train[0].shards: missing shard(s)") and "train-000000.tar" in line

@@ -98,7 +98,7 @@ def test_garbage_bytes_inside_a_tar_lose_only_the_rest_of_that_shard(tmp_path, t
     paths[0].write_bytes(bytes(data))
     model_cfg, preprocess = resolve_open_clip_cfg(ModelConfig(preset="tiny", tokenizer=str(tok)))
     dm = WebDataModule(train=shard_pattern(paths), batch_size=4, num_workers=0, shuffle_buffer=0, max_skip_fraction=0.9)
-    dm.configure(build_tokenizer(model_cfg), {**preprocess, "size": 32})
+    dm.connect(build_tokenizer(model_cfg), {**preprocess, "size": 32})
     batches = list(dm.train_dataloader())
     assert [len(b["key"]) for b in batches] == [4] * 6, "the planned batches, every one full"
     skipped = sum(int(b["skipped"]) for b in batches)

@@ -88,7 +88,7 @@ def tokenizer(tiny_tokenizer_dir):
 
 def make_dm(tokenizer, train, **kwargs) -> WebDataModule:
     dm = WebDataModule(train=train, **{"batch_size": 4, "num_workers": 0, "shuffle_buffer": 8, **kwargs})
-    dm.configure(tokenizer, PREPROCESS)
+    dm.connect(tokenizer, PREPROCESS)
     return dm
 
 
