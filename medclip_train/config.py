@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# timm ViT global_pool values (timm.models.vision_transformer), as open_clip passes timm_pool on to timm.
+IMAGE_POOLS = ("token", "avg", "max", "avgmax", "map")
+
 
 @dataclass
 class ModelConfig:
@@ -20,6 +23,10 @@ class ModelConfig:
     """Width of the shared image-text embedding; default: the preset's."""
     context_length: int | None = None
     """Text tokens per caption, [CLS] and [SEP] included (longer captions are cut); default: the preset's."""
+    image_pool: str | None = None
+    """How the timm image tower pools its tokens into one vector: ``token`` (the class token: ViT's default and
+    BiomedCLIP's), ``avg``, ``max`` (any patch that shows it: a detector's choice, the demo's), ``avgmax``, ``map``
+    (attention pooling, SigLIP's); default: the preset's."""
     pretrained_image: bool = False
     """Load the timm tower's pretrained weights by its timm name (needs the weights in the local cache offline)."""
     pretrained_text: bool = False
@@ -52,6 +59,8 @@ class ModelConfig:
 
         if self.preset not in PRESETS:
             raise ValueError(f"model.clip.preset: unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+        if self.image_pool is not None and self.image_pool not in IMAGE_POOLS:
+            raise ValueError(f"model.clip.image_pool: unknown pooling {self.image_pool!r}; known: {list(IMAGE_POOLS)}")
         for name in ("embed_dim", "context_length"):
             value = getattr(self, name)
             if value is not None and value <= 0:

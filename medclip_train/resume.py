@@ -20,7 +20,7 @@ import torch
 from medclip_train.data.position import finished_epoch_moved_on, mid_epoch_message
 
 # Fields of the model config that define what the weights mean (hyper_parameters["clip"] of the checkpoint).
-MODEL_FIELDS = ("preset", "tokenizer", "text_model", "context_length", "embed_dim")
+MODEL_FIELDS = ("preset", "tokenizer", "text_model", "context_length", "embed_dim", "image_pool")
 # Fields of the data config that define the epoch plan, as stored in the data module's state (its "layout").
 DATA_FIELDS = ("train", "epoch_mode", "seed", "samples_per_epoch")
 LAYOUT_FIELDS = ("batch_size", "num_workers")

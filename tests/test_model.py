@@ -229,3 +229,23 @@ def test_offline_missing_hub_model_says_what_and_how(entry, hub_offline_empty_ca
     assert PUBMEDBERT in message and "'config.json'" in message  # what is missing
     assert "HF_HUB_OFFLINE=1" in message
     assert "point model.clip.text_model at" in message and "local folder" in message  # how to fix it
+
+
+def test_image_pool_max_takes_the_largest_patch_feature(tiny_tokenizer_dir):
+    """``model.clip.image_pool max``: the image feature before the projection is the max over the patch tokens of
+    timm's trunk (checked against the trunk's own token outputs), not its class token."""
+    torch.manual_seed(0)
+    built = build_model(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir), image_pool="max"))
+    trunk = built.model.visual.trunk
+    images = torch.randn(2, 3, 160, 160)
+    tokens = trunk.forward_features(images)
+    expected = tokens[:, trunk.num_prefix_tokens :].amax(dim=1)
+    with torch.no_grad():
+        assert torch.allclose(built.model.visual(images), built.model.visual.head(expected), atol=1e-6)
+    cls_built = build_model(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
+    assert cls_built.model.visual.trunk.global_pool == "token" and trunk.global_pool == "max"
+
+
+def test_unknown_image_pool_names_the_field():
+    with pytest.raises(ValueError, match=r"model\.clip\.image_pool: unknown pooling 'mean'; known: \['token'"):
+        ModelConfig(image_pool="mean")

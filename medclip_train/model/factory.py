@@ -37,6 +37,8 @@ def resolve_open_clip_cfg(cfg: ModelConfig) -> tuple[dict, dict]:
         model_cfg["embed_dim"] = cfg.embed_dim
     if cfg.context_length:
         text_cfg["context_length"] = cfg.context_length
+    if cfg.image_pool:
+        vision_cfg["timm_pool"] = cfg.image_pool
     vision_cfg["timm_model_pretrained"] = cfg.pretrained_image
     text_cfg["hf_model_pretrained"] = cfg.pretrained_text
     preprocess_cfg["size"] = vision_cfg["image_size"]
