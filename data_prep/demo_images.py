@@ -11,14 +11,58 @@ images are read; for histology there is no patient orientation and "right" is th
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 MODALITIES = ("xray", "ct", "mri", "histology")
-# Nodule radius in normalised units: at 160 px about 6 and 12 px, i.e. one and two 16-px ViT patches across.
-SIZES = {"small": 0.075, "large": 0.15}
+# Nodule radius in normalised units: at 160 px about 19 and 32 px across, i.e. 1.2 and 2 of the tiny ViT's 16-px
+# patches. Half that (one and two patches across, as in generator version 2) was not learned by the tiny preset in
+# the demo's 300 steps, not even with the labels as a supervised target; the histology clusters (29 and 51 px) were
+# learned within 50 steps.
+SIZES = {"small": 0.12, "large": 0.2}
+# Histology draws a cluster of atypical nuclei instead of a blob: the cluster's radius per size.
+CLUSTER_RADII = {"small": 0.18, "large": 0.32}
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """Where a nodule is drawn, decided before rendering so that the caption can describe it.
+
+    Attributes:
+        cy: centre, vertical, normalised ([-1, 1], -1 at the top); for MRI relative to the brain's centre (which
+            is jittered by at most 0.04).
+        cx: centre, horizontal, likewise.
+        r: radius in normalised units (the atypical cluster's radius for histology).
+    """
+
+    cy: float
+    cx: float
+    r: float
+
+
+# Per modality: the range of the lesion's centre, vertical and horizontal (distance from the midline), and the
+# organ's edges it must stay inside of (top, bottom, inner, outer): the lung on a radiograph and a CT slice (CT:
+# away from the chest wall), the hemisphere (beside the ventricles) on an MRI.
+PLACES = {
+    "xray": ((-0.38, 0.25), (0.28, 0.44), (-0.6, 0.5, 0.1, 0.62)),
+    "ct": ((-0.3, 0.2), (0.3, 0.55), (-0.46, 0.42, 0.12, 0.72)),
+    "mri": ((-0.4, 0.4), (0.24, 0.4), (-0.7, 0.7, 0.12, 0.62)),
+}
+
+
+def place_lesion(modality: str, side: str, size: str, rng: np.random.Generator) -> Lesion:
+    """A lesion of ``size`` on ``side``, at a random height and depth in the organ, inside it (see PLACES)."""
+    if modality == "histology":
+        return Lesion(rng.uniform(-0.45, 0.45), _side_sign(side, radiological=False) * rng.uniform(0.35, 0.55),
+                      CLUSTER_RADII[size])  # fmt: skip
+    (y0, y1), (x0, x1), (top, bottom, inner, outer) = PLACES[modality]
+    r = SIZES[size] * rng.uniform(0.85, 1.15)
+    cy = rng.uniform(max(y0, top + r), min(y1, bottom - r))
+    cx = _side_sign(side) * rng.uniform(max(x0, inner + r), min(x1, outer - r))
+    return Lesion(cy, cx, r)
 
 
 @lru_cache(maxsize=8)
@@ -71,11 +115,15 @@ def _finish(img: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarr
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def render(modality: str, finding: bool, side: str | None, size: str | None, rng, image_size: int) -> np.ndarray:
-    """Render one image: (S, S) uint8 for the grey modalities, (S, S, 3) for histology."""
+def render(modality: str, lesion: Lesion | None, rng, lesion_rng, image_size: int) -> np.ndarray:
+    """Render one image, with ``lesion`` if given: (S, S) uint8 for the grey modalities, (S, S, 3) for histology.
+
+    ``rng`` draws the anatomy and the noise, ``lesion_rng`` the lesion's own details (contrast, atypical nuclei):
+    the same sample without its lesion is the same image but for the lesion.
+    """
     yy, xx = _grid(image_size)
     draw = {"xray": _xray, "ct": _ct, "mri": _mri, "histology": _histology}[modality]
-    return draw(yy, xx, rng, (side, SIZES[size]) if finding else None, image_size)
+    return draw(yy, xx, rng, (lesion, lesion_rng) if lesion else None, image_size)
 
 
 def _xray(yy, xx, rng, lesion, _size) -> np.ndarray:
@@ -95,9 +143,8 @@ def _xray(yy, xx, rng, lesion, _size) -> np.ndarray:
     img += 0.14 * _ellipse(yy, xx, 0.2 + j(0.04), 0.09 + j(0.04), 0.27, 0.25, 0.3)  # heart, patient's left
     img += 0.15 * np.exp(-(((yy - (-0.64 + 0.18 * np.abs(xx))) / 0.03) ** 2)) * (np.abs(xx) < 0.62)  # clavicles
     if lesion:
-        side, r = lesion
-        cx, r = _side_sign(side) * rng.uniform(0.28, 0.44), r * rng.uniform(0.85, 1.15)
-        _add_local(img, yy, xx, rng.uniform(-0.38, 0.25), cx, r, rng.uniform(0.36, 0.44), _blob_shape(r))
+        (cy, cx, r), lrng = astuple(lesion[0]), lesion[1]
+        _add_local(img, yy, xx, cy, cx, r, lrng.uniform(0.58, 0.7), _blob_shape(r))
     return _finish(img, rng, 0.03)
 
 
@@ -119,9 +166,8 @@ def _ct(yy, xx, rng, lesion, _size) -> np.ndarray:
     img = np.maximum(img, 0.95 * _ellipse(yy, xx, 0.5 + j(0.02), j(0.02), 0.11, 0.11, 0.15))  # vertebral body
     img = np.maximum(img, 0.85 * _ellipse(yy, xx, 0.66, 0, 0.06, 0.035, 0.2))  # spinous process
     if lesion:
-        side, r = lesion
-        cx, r = _side_sign(side) * rng.uniform(0.38, 0.55), r * rng.uniform(0.85, 1.15)
-        _add_local(img, yy, xx, rng.uniform(-0.3, 0.2), cx, r, rng.uniform(0.45, 0.55), _blob_shape(r))
+        (cy, cx, r), lrng = astuple(lesion[0]), lesion[1]
+        _add_local(img, yy, xx, cy, cx, r, lrng.uniform(0.72, 0.88), _blob_shape(r))
     return _finish(img, rng, 0.025)
 
 
@@ -142,9 +188,8 @@ def _mri(yy, xx, rng, lesion, _size) -> np.ndarray:
     ventricles = np.clip(ventricles, 0, 1)
     img = img * (1 - ventricles) + 0.1 * ventricles
     if lesion:
-        side, r = lesion
-        lx, r = cx + _side_sign(side) * rng.uniform(0.24, 0.4), r * rng.uniform(0.85, 1.15)
-        _add_local(img, yy, xx, cy + rng.uniform(-0.4, 0.4), lx, r, rng.uniform(0.32, 0.4), _blob_shape(r))
+        (ly, lx, r), lrng = astuple(lesion[0]), lesion[1]
+        _add_local(img, yy, xx, cy + ly, cx + lx, r, lrng.uniform(0.5, 0.64), _blob_shape(r))
     return _finish(img, rng, 0.025)
 
 
@@ -159,12 +204,11 @@ def _histology(yy, xx, rng, lesion, size) -> np.ndarray:
     nuclei = _nuclei(rng, size, rng.integers(55, 85), (-1, 1), (-1, 1), (1.8 * scale, 3.2 * scale))
     img = _stain(img, nuclei, np.array([0.4, 0.22, 0.58], np.float32))
     if lesion:
-        side, r = lesion
-        radius = 0.18 if r < 0.1 else 0.32
-        cx, cy = _side_sign(side, radiological=False) * rng.uniform(0.35, 0.55), rng.uniform(-0.45, 0.45)
-        count = int(rng.integers(35, 45) if r < 0.1 else rng.integers(100, 120))
+        (cy, cx, radius), lrng = astuple(lesion[0]), lesion[1]
+        # about the same nuclei density for both sizes
+        count = int(lrng.integers(35, 45) if radius < 0.25 else lrng.integers(100, 120))
         atypical = _nuclei(
-            rng,
+            lrng,
             size,
             count,
             (cy - radius, cy + radius),

@@ -4,7 +4,8 @@
 
     {"name": "demo_modality", "source": "medclip-prep demo",
      "classnames": {"<folder>": "<display name>", ...},
-     "templates": ["a {c}.", "an image of {c}.", ...]}
+     "templates": ["a {c}.", "an image of {c}.", ...],
+     "class_prompts": {"<folder>": ["a full prompt", ...]}}   # optional: replaces the templates for that class
 
 ``classnames`` lists only folders that hold images, sorted by folder name: the order torchvision's ``ImageFolder``
 gives class indices in (and it refuses empty class folders).
@@ -32,6 +33,7 @@ def write_task(
     templates: list[str],
     images: Iterable[tuple[str, str, np.ndarray | Path]],
     note: str | None = None,
+    class_prompts: dict[str, list[str]] | None = None,
 ) -> dict[str, int]:
     """Write one zero-shot task folder.
 
@@ -44,6 +46,7 @@ def write_task(
         images: ``(class folder, file stem, image)`` triples; the image is uint8 pixels, or the path of a PNG
             already written for another task (hard-linked, or copied where links are not possible).
         note: free text kept in ``prompts.json`` (e.g. which images were left out and why).
+        class_prompts: full prompts of a class, used instead of the templates for that class (CuPL-style).
 
     Returns:
         Image count per class folder.
@@ -59,6 +62,10 @@ def write_task(
         "classnames": {folder: classnames[folder] for folder in sorted(counts)},
         "templates": list(templates),
     }
+    if class_prompts:
+        prompts["class_prompts"] = {
+            folder: list(class_prompts[folder]) for folder in sorted(counts) if folder in class_prompts
+        }
     if note:
         prompts["note"] = note
     atomic_write_json(task_dir / "prompts.json", prompts)

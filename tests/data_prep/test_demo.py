@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from data_prep.writer import MARKER
@@ -46,18 +49,76 @@ def test_demo_defaults_match_the_demo_config(demo_default):
     assert sample["json"]["image_info"]["width"] == 160
 
 
+# Words that turn a finding into its absence: a prompt or caption pair told apart only by one of them is what the
+# tiny text tower could not learn in the demo's 300 steps.
+NEGATIONS = {"no", "not", "without", "none", "absent", "negative", "free"}
+FINDING_WORDS = {"nodule", "nodules", "lesion", "lesions", "focal", "mass", "atypical", "mm"}
+NORMAL_WORDS = {"normal", "clear", "unremarkable"}
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z&-]+|[0-9]+(?:\.[0-9]+)?", text.lower()))
+
+
 def test_demo_json_and_captions(demo_default):
+    """A positive caption names the finding, its size in mm, side and place; a normal one its own words, no negation."""
     out, _ = demo_default
     samples = [s for s in check_accounting(out)[1] if s["json"]["split"] == "test"]
+    places = {"xray": {"upper", "lower"}, "ct": {"anterior", "posterior"}, "mri": {"frontal", "occipital"},
+              "histology": {"upper", "lower"}}  # fmt: skip
     for s in samples[:200]:
         meta, caption = s["json"], s["txt"].lower()
         assert meta["source"] == "demo" and meta["labels"][0] == f"modality:{meta['modality']}"
         if meta["finding"] == "nodule":
             assert meta["labels"][1:] == ["finding:nodule", f"side:{meta['side']}", f"size:{meta['size']}"]
-            assert meta["side"] in caption and meta["size"] in caption
+            assert meta["zone"] in places[meta["modality"]]
+            assert {"nodule", meta["side"], meta["zone"], f"{meta['diameter_mm']:g}", "mm"} <= words(caption)
+            assert not words(caption) & (NEGATIONS | NORMAL_WORDS), caption
         else:
-            assert meta["labels"][1:] == ["finding:normal"]
-            assert any(w in caption for w in ("no focal lesion", "no nodule", "no lesion", "normal"))
+            assert meta["labels"][1:] == ["finding:normal"] and meta["zone"] is None and meta["diameter_mm"] is None
+            assert words(caption) & NORMAL_WORDS and not words(caption) & (NEGATIONS | FINDING_WORDS), caption
+    # Two size classes, apart in the captions too: 10-14 mm and 17-23 mm (0.18 and 0.32 mm clusters in histology).
+    mm = {}
+    for s in samples:
+        if s["json"]["finding"] == "nodule":
+            mm.setdefault((s["json"]["modality"] == "histology", s["json"]["size"]), set()).add(
+                s["json"]["diameter_mm"]
+            )
+    assert mm[False, "small"] <= set(range(10, 15)) and mm[False, "large"] <= set(range(17, 24))
+    assert mm[True, "small"] == {0.18} and mm[True, "large"] == {0.32}
+
+
+def _lesion_in_pixels(sample) -> tuple[float, float, float]:
+    """Centre (y, x in [-1, 1]) and radius (px) of what the lesion adds: the image minus the same one without it."""
+    plain = dataclasses.replace(sample, nodule=False, side=None, size=None, lesion=None)
+    diff = np.abs(sample.pixels().astype(np.float32) - plain.pixels().astype(np.float32)) / 255
+    diff = diff.max(-1) if diff.ndim == 3 else diff
+    ys, xs = np.nonzero(diff > 0.1)
+    weights = diff[ys, xs]
+    py, px = np.average(ys, weights=weights), np.average(xs, weights=weights)
+    n = diff.shape[0]
+    radius = np.sqrt((ys - py) ** 2 + (xs - px) ** 2).max()
+    return (py + 0.5) / n * 2 - 1, (px + 0.5) / n * 2 - 1, float(radius)
+
+
+def test_demo_captions_say_where_the_image_shows_the_lesion():
+    """Side, place and size words checked against the pixels: patient's right on the viewer's left (radiology)."""
+    from data_prep.demo import MM_PER_UNIT, ZONES, make_samples
+
+    samples = [s for s in make_samples("test", 120, 0, 160) if s.nodule]
+    assert {s.modality for s in samples} == {"xray", "ct", "mri", "histology"}
+    for s in samples:
+        caption = words(s.caption())
+        cy, cx, radius_px = _lesion_in_pixels(s)
+        viewer_right = "left" in caption if s.modality != "histology" else "right" in caption
+        assert ("left" in caption) != ("right" in caption) and (cx > 0) == viewer_right, (s.caption(), cx)
+        split, top, bottom = ZONES[s.modality]
+        if abs(cy - split) > 0.05:  # the MRI brain's centre (the zones' origin there) moves by up to 0.04
+            assert (top if cy < split else bottom) in caption, (s.caption(), cy)
+        mm = float(re.search(r"([0-9.]+) mm", s.caption()).group(1))  # not "2" of "T2-weighted"
+        expected_px = mm / 2 / MM_PER_UNIT[s.modality] * 160 / 2
+        # a blob's visible edge is at ~0.9 of its radius; an atypical cluster reaches out by a nucleus
+        assert 0.75 < radius_px / expected_px < 1.55, (s.caption(), radius_px, expected_px)
 
 
 def test_demo_tokenizer_loads_both_ways(demo_default):
@@ -68,9 +129,9 @@ def test_demo_tokenizer_loads_both_ways(demo_default):
     tok = AutoTokenizer.from_pretrained(str(path))
     assert [tok.convert_tokens_to_ids(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
     assert tok.vocab_size <= 4096 and tok.model_max_length == 512
-    ids = tok("Chest radiograph showing a large nodule in the right lung.")["input_ids"]
+    ids = tok("Chest radiograph: a 24 mm nodule in the right upper zone.")["input_ids"]
     assert ids[0] == 2 and ids[-1] == 3 and 1 not in ids  # [CLS] ... [SEP], no unknown words
-    batch = HFTokenizer(str(path), context_length=64)(["Axial CT slice with no focal lesion.", "Brain MRI."])
+    batch = HFTokenizer(str(path), context_length=64)(["Axial CT slice: clear lungs, normal study.", "Brain MRI."])
     assert tuple(batch.shape) == (2, 64) and int(batch[0, 0]) == 2 and int(batch[1, -1]) == 0
 
 
@@ -82,9 +143,27 @@ def test_demo_zeroshot_folders(demo_default):
     assert all("{c}" in t for t in modality["templates"])
     nodule = json.loads((zeroshot / "nodule" / "prompts.json").read_text())
     assert set(nodule["classnames"]) == {"nodule", "normal"}
+    assert len(nodule["class_prompts"]["nodule"]) == 96 and len(nodule["class_prompts"]["normal"]) == 12
     counts = {p.name: len(list(p.glob("*.png"))) for p in (zeroshot / "modality").iterdir() if p.is_dir()}
     assert counts == {"xray": 100, "ct": 100, "mri": 100, "histology": 100}
     assert sum(len(list(p.glob("*.png"))) for p in (zeroshot / "nodule").iterdir() if p.is_dir()) == 400
+
+
+def test_demo_nodule_prompts_differ_by_more_than_a_negation(demo_default):
+    """The nodule task's prompts, as the evaluator reads them: each class in words of its own, like the captions."""
+    from medclip_train.evaluation.prompts import load_prompt_set
+
+    prompts = load_prompt_set(demo_default[0] / "zeroshot" / "nodule" / "prompts.json", ["nodule", "normal"])
+    nodule, normal = ([words(p) for p in prompts.prompts_for(i)] for i in (0, 1))
+    assert len(nodule) == 96 and len(normal) == 12
+    for positive in nodule:
+        assert "nodule" in positive and "mm" in positive and positive & {"left", "right"}, positive
+        assert not positive & (NEGATIONS | NORMAL_WORDS), positive
+        for negative in normal:
+            # what tells the two apart is more than a negation word, on both sides
+            assert (positive - negative) - NEGATIONS and (negative - positive) - NEGATIONS
+    for negative in normal:
+        assert negative & NORMAL_WORDS and not negative & (NEGATIONS | FINDING_WORDS), negative
 
 
 def test_demo_is_deterministic_for_a_seed(tmp_path, run_cli):
