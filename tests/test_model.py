@@ -249,3 +249,35 @@ def test_image_pool_max_takes_the_largest_patch_feature(tiny_tokenizer_dir):
 def test_unknown_image_pool_names_the_field():
     with pytest.raises(ValueError, match=r"model\.clip\.image_pool: unknown pooling 'mean'; known: \['token'"):
         ModelConfig(image_pool="mean")
+
+
+def test_init_from_weights_trained_with_another_pooling_is_refused(tiny_tokenizer_dir, tmp_path):
+    """Pooling has no weights: a checkpoint of a max-pooling model loads every tensor into a class-token model, which
+    then computes other image features than the trained one. Refused naming the flag; accepted with it."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from medclip_train.model.factory import resolve_open_clip_cfg
+
+    trained_cfg = ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir), image_pool="max")
+    trained = build_model(trained_cfg).model
+    ckpt = tmp_path / "max.ckpt"
+    state = {f"model.{k}": v for k, v in trained.state_dict().items()}
+    torch.save({"hyper_parameters": {"clip": asdict(trained_cfg)}, "state_dict": state}, ckpt)
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(export / "open_clip_model.safetensors"))
+    model_cfg, _ = resolve_open_clip_cfg(trained_cfg)
+    (export / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+
+    for source in (str(ckpt), f"local-dir:{export}"):
+        with pytest.raises(ValueError, match=r"pooling 'max'.*by 'token': set --model\.clip\.image_pool max"):
+            build_model(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir), init_from=source))
+        built = build_model(
+            ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir), init_from=source, image_pool="max")
+        )
+        images = torch.randn(2, 3, 160, 160)
+        with torch.no_grad():
+            assert torch.equal(built.model.eval().encode_image(images), trained.eval().encode_image(images))

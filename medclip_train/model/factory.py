@@ -167,7 +167,7 @@ def build_model(cfg: ModelConfig) -> BuiltModel:
     if cfg.init_from:
         from medclip_train.model.weights import load_clip_weights
 
-        load_clip_weights(model, cfg.init_from)
+        load_clip_weights(model, cfg.init_from, model_cfg["vision_cfg"].get("timm_pool") or "token")
     apply_locks(model, cfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)

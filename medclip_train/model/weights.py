@@ -42,16 +42,21 @@ def load_state_dict_report(model: torch.nn.Module, state: dict) -> dict:
     return report
 
 
-def load_clip_weights(model: torch.nn.Module, source: str) -> dict:
+def load_clip_weights(model: torch.nn.Module, source: str, image_pool: str | None = None) -> dict:
     """Initialise ``model`` from full CLIP weights (``model.clip.init_from``); returns the key report.
 
     ``local-dir:DIR`` reads ``DIR/open_clip_model.safetensors`` (or ``open_clip_pytorch_model.bin``),
-    ``hf-hub:org/repo`` the same files from the Hub (cache), ``*.ckpt`` a project checkpoint.
+    ``hf-hub:org/repo`` the same files from the Hub (cache), ``*.ckpt`` a project checkpoint. ``image_pool`` is
+    the timm pooling of ``model``: a source trained with another one is refused (see :func:`check_image_pool`).
     """
     if source.endswith(".ckpt"):
         ckpt = read_project_checkpoint(source)
+        clip = (ckpt.get("hyper_parameters") or {}).get("clip") or {}
+        check_image_pool(source, _project_image_pool(clip), image_pool)
         state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     else:
+        if source.startswith("local-dir:"):
+            check_image_pool(source, _export_image_pool(Path(source[len("local-dir:") :])), image_pool)
         state = _read_open_clip_weights(source)
     report = load_state_dict_report(model, state)
     if report["loaded"] == 0:
@@ -62,6 +67,39 @@ def load_clip_weights(model: torch.nn.Module, source: str) -> dict:
         f"{' ' + str(report['unexpected'][:5]) if report['unexpected'] else ''}"
     )
     return report
+
+
+def check_image_pool(source: str, trained_with: str | None, building: str | None) -> None:
+    """Refuse weights trained with another pooling of the image tokens: pooling has no weights, so every tensor
+    would load and the model would silently compute other image features than the one that was trained."""
+    if trained_with is None or building is None or trained_with == building:
+        return
+    raise ValueError(
+        f"model.clip.init_from={source!r} was trained with image pooling {trained_with!r}, this model pools by "
+        f"{building!r}: set --model.clip.image_pool {trained_with}"
+    )
+
+
+def _project_image_pool(clip: dict) -> str | None:
+    """The timm pooling a project checkpoint's model was built with (its ``image_pool``, else its preset's)."""
+    from medclip_train.presets import PRESETS
+
+    if clip.get("image_pool"):
+        return clip["image_pool"]
+    if clip.get("preset") not in PRESETS:
+        return None
+    return PRESETS[clip["preset"]]["model_cfg"]["vision_cfg"].get("timm_pool") or "token"  # "": timm's ViT default
+
+
+def _export_image_pool(folder: Path) -> str | None:
+    """The timm pooling in an open_clip folder's ``open_clip_config.json``, if it names a timm tower."""
+    import json
+
+    try:
+        vision = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not ours to judge: the weights loader names what is missing
+    return (vision.get("timm_pool") or "token") if "timm_model_name" in vision else None
 
 
 def _read_open_clip_weights(source: str) -> dict:
