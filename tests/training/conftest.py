@@ -35,12 +35,16 @@ class KeyRecorder(L.Callback):
 
 
 class SlowDown(L.Callback):
-    """Sleeps after each step, so that a test can kill the run between two checkpoints without racing it."""
+    """Sleeps before each step, so that a test can kill the run between two checkpoints without racing it.
+
+    Before the step, not after it: Lightning saves a step's checkpoint in ``on_train_batch_end`` and logs the step's
+    metrics row after that; a test that kills the run as soon as the checkpoint appears must find that row written.
+    """
 
     def __init__(self, delay_s: float = 0.5):
         self.delay_s = delay_s
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import time
 
         time.sleep(self.delay_s)
