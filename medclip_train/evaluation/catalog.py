@@ -1,6 +1,6 @@
 """The evaluation catalog of ``medclip-eval suite``: datasets, their on-disk layout, classes, prompts and tasks.
 
-A catalog is YAML (``configs/eval/medical.yaml`` ships the public medical sets)::
+A catalog is YAML (``medclip_train/evaluation/catalogs/medical.yaml`` ships the public medical sets)::
 
     settings: {folds: 5, shots: [1, 4, 16], knn_k: 20, seed: 0}   # optional, these are the defaults
     datasets:
@@ -9,7 +9,7 @@ A catalog is YAML (``configs/eval/medical.yaml`` ships the public medical sets):
         path: medmnist/breastmnist.npz   # relative to --data-root (absolute paths are kept)
         split: test                   # npz key prefix / CLIP_benchmark split folder
         classes: [malignant, normal_benign]   # npz, csv: class ids in label-index order
-        prompts: medmnist_breastmnist # a set of configs/prompts/ or a prompt file
+        prompts: medmnist_breastmnist # a shipped set (evaluation/prompt_sets/) or a prompt file
         modality: ultrasound
         tasks: [zeroshot, probe_cv, few_shot, feature_map, overlay]   # default: all of them
 
@@ -43,7 +43,7 @@ from medclip_train.evaluation.prompts import load_prompt_set
 
 LAYOUTS = ("imagefolder", "medmnist_npz", "csv", "clip_benchmark", "shards")
 TASKS = ("zeroshot", "probe_cv", "few_shot", "feature_map", "overlay")
-CATALOG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
+CATALOG_DIR = Path(__file__).resolve().parent / "catalogs"  # package data: installed with the wheel
 """Catalogs shipped with the project, addressable by file stem (``--catalog medical``)."""
 
 

@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     zs = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")
     zs.add_argument("--data", action="append", required=True, help="image folder, CLIP_benchmark folder, or shards")
-    zs.add_argument("--prompts", help="prompt file (JSON/YAML) or shipped set name (configs/prompts/)")
+    zs.add_argument("--prompts", help="prompt file (JSON/YAML) or shipped set name (evaluation/prompt_sets/)")
     zs.add_argument("--label-prefix", help="project shards: .json label prefix naming the class (modality:)")
     zs.add_argument("--split", default="test", help="CLIP_benchmark split folder (default: %(default)s)")
     add_bootstrap_argument(zs)

@@ -20,7 +20,7 @@ import yaml
 from medclip_train.evaluation.errors import EvalInputError
 
 PLACEHOLDER = "{c}"
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompt_sets"  # package data: installed with the wheel
 """The prompt sets shipped with the project, addressable by file stem (``--prompts pcam``)."""
 DEFAULT_TEMPLATES = ("a photo of {c}.",)
 
@@ -73,7 +73,7 @@ def fill_template(template: str, classname: str) -> str:
 
 
 def resolve_prompt_path(spec: str | Path) -> Path:
-    """A prompt file path, or the name of a set shipped in ``configs/prompts`` (``pcam``, ``medmnist_pathmnist``)."""
+    """A prompt file path, or the name of a shipped set in ``evaluation/prompt_sets`` (``pcam``, ``modality``)."""
     path = Path(spec)
     if path.is_file():
         return path

@@ -368,7 +368,7 @@ def report_markdown(
 def add_suite_parser(commands) -> argparse.ArgumentParser:
     suite = commands.add_parser("suite", help="several models over a catalog of datasets, one comparison table")
     suite.add_argument("--models", nargs="+", required=True, help="*.ckpt, local-dir:DIR, hf-hub:org/repo, open_clip")
-    suite.add_argument("--catalog", required=True, help="catalog YAML, or a shipped one (configs/eval/): medical")
+    suite.add_argument("--catalog", required=True, help="catalog YAML, or a shipped one: medical")
     suite.add_argument("--data-root", required=True, help="folder the catalog's relative dataset paths start from")
     suite.add_argument("--output", default="eval_suite", help="folder for results.csv/json, report.md")
     suite.add_argument("--pretrained", help="open_clip pretrained tag, for open_clip built-in model names")

@@ -15,7 +15,7 @@ from medclip_train.model.factory import resolve_open_clip_cfg
 from medclip_train.module import CLIPModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# prompts/ and eval/ (evaluation catalogs) are not run configs; their own tests load them.
+# Every YAML here is a run config (prompt sets and catalogs live in medclip_train/evaluation/).
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if not {"prompts", "eval"} & set(p.relative_to(CONFIGS).parts))
 PRECISIONS = {"32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"}
 COMPOSED = ["base.yaml", "model/biomedclip.yaml", "data/roco_medicat_pmcoa.yaml", "trainer/ddp_bf16.yaml"]
