@@ -32,7 +32,7 @@ from data_prep.images import ArrayImage
 from data_prep.records import Record
 from data_prep.tokenizer import train_wordpiece
 from data_prep.writer import Summary, WriteOptions, package_version, write_dataset
-from data_prep.zeroshot import write_task
+from data_prep.zeroshot_folders import write_task
 
 SOURCE = "demo"
 LICENCE = "CC0-1.0"

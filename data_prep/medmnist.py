@@ -17,7 +17,7 @@ import numpy as np
 
 from data_prep.images import ArrayImage
 from data_prep.records import PrepError, Reason, Record, Rejection, short_hash
-from data_prep.zeroshot import write_task
+from data_prep.zeroshot_folders import write_task
 from medclip_train.data.class_folders import slug
 
 SOURCE = "medmnist"
