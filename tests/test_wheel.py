@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,9 +28,14 @@ def test_wheel_install_runs_zeroshot_with_a_shipped_prompt_set(tmp_path, tiny_to
     from medclip_train.config import ModelConfig
     from medclip_train.model.factory import build_model
 
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels, site, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # setuptools writes build/ and *.egg-info next to the sources: build from a copy, not in the checkout
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)], check=True)
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)], check=True)
     (wheel,) = wheels.glob("medclip_train-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "medclip_train/evaluation/prompt_sets/medmnist_breastmnist.yaml" in names
