@@ -49,11 +49,13 @@ OVERLAY_METRICS = ("top1_clean", "top1", "top1_drop", "cosine_shift", "flipped",
 
 
 def model_labels(specs: list[str]) -> list[str]:
-    """Short column names: a checkpoint's file stem, a folder's name, a hub repo's name; repeats get ``#2``."""
+    """Short column names: a checkpoint's file stem (``last.ckpt``: its run folder's name, since every run writes
+    one), a folder's name, a hub repo's name; repeats get ``#2``."""
     labels = []
     for spec in specs:
         if spec.endswith(".ckpt"):
-            label = Path(spec).stem
+            path = Path(spec)
+            label = path.resolve().parent.name if path.stem == "last" else path.stem
         elif spec.startswith(("local-dir:", "hf-hub:")):
             label = Path(spec.split(":", 1)[1].rstrip("/")).name
         else:

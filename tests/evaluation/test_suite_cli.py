@@ -311,3 +311,11 @@ def test_a_bar_chart_per_task_linked_from_the_report(suite):
         assert f"![{family}]({link})" in report and link.startswith("plots/bars_")
         with Image.open(suite["out"] / link) as image:
             assert image.format == "PNG" and min(image.size) >= 200
+
+
+def test_model_columns_are_named_after_the_run_for_last_ckpt():
+    """Every run writes last.ckpt: two runs' last checkpoints are told apart by their run folders, not as last#2."""
+    from medclip_train.evaluation.suite_cli import model_labels
+
+    specs = ["runs/demo/last.ckpt", "runs/breast/last.ckpt", "runs/demo/step0000300.ckpt", "local-dir:exp/demo/"]
+    assert model_labels(specs) == ["demo", "breast", "step0000300", "demo#2"]
