@@ -40,8 +40,8 @@ def test_weight_decay_groups_of_the_biomedclip_preset():
     own ``no_weight_decay()`` names (position embedding, class token); nothing of fewer than two dimensions."""
     from open_clip import CustomTextCLIP
 
-    from medclip_train.presets import get_preset, resolve_hf_name
     from medclip_train.optim import param_groups
+    from medclip_train.presets import get_preset, resolve_hf_name
 
     cfg = get_preset("biomedclip_vit_b16_pubmedbert256")["model_cfg"]
     cfg["text_cfg"].update(hf_model_name=resolve_hf_name("builtin:pubmedbert-base"), hf_model_pretrained=False)
