@@ -114,8 +114,10 @@ class RunLock:
             owner = {}
         where = f"PID {owner.get('pid', '?')} on {owner.get('host', '?')}"
         if owner.get("host") == socket.gethostname() and not _owner_alive(owner):
-            print(f"warning: {self.folder}: taking over the lock of a run that is no longer alive ({where})",
-                  file=sys.stderr)
+            print(
+                f"warning: {self.folder}: taking over the lock of a run that is no longer alive ({where})",
+                file=sys.stderr,
+            )
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
             return

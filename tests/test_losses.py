@@ -144,9 +144,7 @@ def test_semantic_matching_rows_without_labels():
     loss, grads = _loss_and_grads(SemanticMatchingLoss(0.1), image, text, log_scale, labels=labels)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     # No labels at all: identity target everywhere, i.e. InfoNCE whatever the temperature.
-    none, none_grads = _loss_and_grads(
-        SemanticMatchingLoss(0.7), image, text, log_scale, labels=torch.zeros(6, 3)
-    )
+    none, none_grads = _loss_and_grads(SemanticMatchingLoss(0.7), image, text, log_scale, labels=torch.zeros(6, 3))
     ref, ref_grads = _loss_and_grads(ContrastiveLoss(), image, text, log_scale)
     torch.testing.assert_close(none, ref, atol=1e-6, rtol=0)
     for a, b in zip(none_grads, ref_grads):
