@@ -95,6 +95,11 @@ class CLIPModule(L.LightningModule):
         self._consecutive_skips = 0
         self._unsharded_params: list[torch.nn.Parameter] | None = None  # set when FSDP2 shards the model
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The open_clip config the model was built with: a later version whose preset builds something else is
+        # refused on resume and on loading (factory.preset_drift), instead of loading the weights into it silently.
+        checkpoint["architecture"] = {"model_cfg": self.model_cfg, "preprocess_cfg": dict(self.preprocess_cfg)}
+
     # ---- data side (the data module is handed tokenizer and preprocess_cfg once: WebDataModule.connect) ---------
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(image, text)

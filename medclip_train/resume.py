@@ -52,6 +52,7 @@ def read_resume_state(path: str) -> dict:
         "global_step": int(ckpt.get("global_step", 0)),
         "clip": dict((ckpt.get("hyper_parameters") or {}).get("clip") or {}),
         "data": dict(ckpt.get("WebDataModule") or {}),
+        "architecture": dict(ckpt.get("architecture") or {}),
     }
 
 
@@ -87,6 +88,13 @@ def _train_sources(value) -> list[dict] | None:
 def check_resume(state: dict, model_clip, data, allowed: list[str]) -> list[str]:
     """Raise ``ResumeMismatch`` naming the first field that differs; return the allowed differences."""
     allowed = set(allowed or [])
+    trained = (state.get("architecture") or {}).get("model_cfg")
+    if trained is not None and state["clip"]:
+        from medclip_train.model.factory import preset_drift
+
+        drift = preset_drift(state["clip"], trained)
+        if drift:
+            raise ResumeMismatch(drift)
     changes: list[tuple[str, object, object]] = []
     clip_now = _plain(model_clip) or {}
     for field in MODEL_FIELDS:

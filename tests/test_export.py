@@ -402,3 +402,27 @@ def test_init_from_a_checkpoint_does_not_take_its_trust_remote_code(trained_ckpt
     built = build_model(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir), init_from=str(ckpt)))
     assert not marker.exists()
     assert type(built.model.text.transformer.config).__name__ == "BertConfig"  # the user's config, not the file's
+
+
+def test_a_checkpoint_keeps_its_architecture_and_a_preset_changed_since_is_refused(trained_ckpt, monkeypatch):
+    """A checkpoint is rebuilt by preset name: if a later version's preset pools the image tokens otherwise, every
+    tensor still loads and the model computes other features, silently. The checkpoint records the open_clip config
+    it was trained with; loading it for evaluation and resuming it refuse a preset that now builds another one."""
+    from medclip_train.config import ModelConfig
+    from medclip_train.model.factory import resolve_open_clip_cfg
+    from medclip_train.model.loading import load_project_checkpoint
+    from medclip_train.presets import PRESETS
+    from medclip_train.resume import ResumeMismatch, check_resume, read_resume_state
+
+    ckpt = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    clip = ckpt["hyper_parameters"]["clip"]
+    assert ckpt["architecture"]["model_cfg"] == resolve_open_clip_cfg(ModelConfig(**clip))[0]
+    load_project_checkpoint(trained_ckpt)  # the same version: loads
+
+    # a later version whose tiny preset averages the patch tokens instead of taking the class token
+    monkeypatch.setitem(PRESETS["tiny"]["model_cfg"]["vision_cfg"], "timm_pool", "avg")
+    expected = r"model\.clip\.preset: preset 'tiny' now builds vision_cfg\.timm_pool='avg', but this checkpoint was "
+    with pytest.raises(ValueError, match=expected + r"trained with ''"):
+        load_project_checkpoint(trained_ckpt)
+    with pytest.raises(ResumeMismatch, match=expected):
+        check_resume(read_resume_state(str(trained_ckpt)), clip, None, [])

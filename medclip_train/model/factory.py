@@ -49,6 +49,57 @@ def resolve_open_clip_cfg(cfg: ModelConfig) -> tuple[dict, dict]:
     return model_cfg, preprocess_cfg
 
 
+# Flags of how the weights were first obtained, not of what the model computes: a loaded checkpoint ignores them.
+_LOAD_FLAGS = ("timm_model_pretrained", "hf_model_pretrained")
+
+
+def preset_drift(clip_fields: dict, trained_model_cfg: dict) -> str | None:
+    """What a checkpoint's ``model.clip`` config builds today, against the ``model_cfg`` it was trained with (saved
+    in the checkpoint as ``architecture``): ``None`` when equal, else the first differing key as one line.
+
+    A model is rebuilt from its config by preset name, so a preset whose definition changed between versions would
+    build another architecture; where no weight changes shape (a pooling, an activation) every tensor still loads.
+    """
+    known = {k: v for k, v in clip_fields.items() if k in ModelConfig.__dataclass_fields__}
+    now, _ = resolve_open_clip_cfg(ModelConfig(**known))
+    # keys a config field sets are the config's, checked as fields (resume.MODEL_FIELDS), not the preset's
+    own = {key for key, field in _FIELD_KEYS.items() if known.get(field) is not None}
+    differences = _first_difference(trained_model_cfg, now, skip=own)
+    if differences is None:
+        return None
+    key, before, after = differences
+    return (
+        f"model.clip.preset: preset {known.get('preset')!r} now builds {key}={after!r}, but this checkpoint was "
+        f"trained with {before!r} (the preset's definition changed since): use the medclip-train version it was "
+        "trained with"
+    )
+
+
+_FIELD_KEYS = {
+    "text_cfg.hf_model_name": "text_model",
+    "text_cfg.hf_tokenizer_name": "tokenizer",
+    "text_cfg.context_length": "context_length",
+    "embed_dim": "embed_dim",
+    "vision_cfg.timm_pool": "image_pool",
+    "init_logit_scale": "init_logit_scale",
+    "init_logit_bias": "init_logit_bias",
+}
+
+
+def _first_difference(before, after, prefix: str = "", skip: set[str] = frozenset()):
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in sorted(set(before) | set(after)):
+            if key in _LOAD_FLAGS or f"{prefix}{key}" in skip:
+                continue
+            found = _first_difference(before.get(key), after.get(key), f"{prefix}{key}.", skip)
+            if found:
+                return found
+        return None
+    if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)):
+        before, after = list(before), list(after)
+    return None if before == after else (prefix.rstrip("."), before, after)
+
+
 class RemoteCodeRefused(ValueError):
     """A text tower config or tokenizer asks Hugging Face to run Python code shipped with it, and the user did not
     opt in. Only the user's own flag or config may (``--trust-remote-code``, ``model.clip.trust_remote_code``), never

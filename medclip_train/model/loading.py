@@ -41,6 +41,13 @@ def load_project_checkpoint(path: str | Path, device: str = "cpu", trust_remote_
     hparams = ckpt.get("hyper_parameters", {})
     if "clip" not in hparams:
         raise ValueError(f"{path}: no 'clip' model config in hyper_parameters; not a medclip-train checkpoint")
+    trained = (ckpt.get("architecture") or {}).get("model_cfg")
+    if trained is not None:
+        from medclip_train.model.factory import preset_drift
+
+        drift = preset_drift(hparams["clip"], trained)
+        if drift:
+            raise ValueError(f"{path}: {drift}")
     overrides = {"init_from": None, "pretrained_image": False, "pretrained_text": False}
     cfg = ModelConfig(**{**hparams["clip"], **overrides, "trust_remote_code": trust_remote_code})
     built = build_model(cfg)
