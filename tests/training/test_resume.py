@@ -28,12 +28,23 @@ from tests.training.conftest import (
 MAX_STEPS, EVERY, BATCH, LR, WARMUP = 12, 3, 4, 1e-3, 2
 
 
+def _logged_steps(root) -> set[int]:
+    try:
+        return {int(row["step"]) for row in read_metrics(root, "train/lr")}
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return set()
+
+
 def wait_for_checkpoint(proc, root, timeout_s: float = 180.0) -> None:
-    """Until the first step checkpoint and ``last.ckpt`` are on disk (both are written whole, then renamed)."""
+    """Until the first step checkpoint and ``last.ckpt`` are on disk (both are written whole, then renamed) and the
+    metrics row of that step too: Lightning logs a step's row after its checkpoint callbacks, so a kill right after
+    the files appear could land before the row is written (it did under CI load), and the test could not tell that
+    loss from one of ours."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if (root / f"step{EVERY:07d}.ckpt").exists() and (root / "last.ckpt").exists():
-            return
+            if EVERY - 1 in _logged_steps(root):
+                return
         if proc.poll() is not None:
             pytest.fail(
                 f"the run ended before its first checkpoint:\n{(root.parent / 'killed.log').read_text()[-3000:]}"
