@@ -140,12 +140,13 @@ class CLIPModule(L.LightningModule):
         # plain per-rank tensors, averaged here. clip_grad_norm_ takes one kind or the other, not both.
         import torch.distributed as dist
 
-        whole = [p for p in params if any(p is q for q in self._unsharded_params)]
+        unsharded = {id(p) for p in self._unsharded_params}
+        whole = [p for p in params if id(p) in unsharded]
         for p in whole:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
         norms = [torch.nn.utils.get_total_norm([p.grad for p in whole])] if whole else []
-        sharded = [p.grad for p in params if not any(p is q for q in whole)]
+        sharded = [p.grad for p in params if id(p) not in unsharded]
         if sharded:
             norm = torch.nn.utils.get_total_norm(sharded, foreach=True)
             norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -5,14 +5,13 @@ Anything from outside is read with ``torch.load(weights_only=True)`` or safetens
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medclip_train.model.export_marker import read_export_marker
-from medclip_train.model.weights import load_state_dict_report, read_project_checkpoint
+from medclip_train.model.weights import load_state_dict_report, open_clip_model_cfg, read_project_checkpoint
 
 
 @dataclass
@@ -72,7 +71,7 @@ def load_open_clip(
     """
     import open_clip
 
-    model_cfg = _open_clip_model_cfg(source) or {}
+    model_cfg = open_clip_model_cfg(source) or {}
     text_cfg = model_cfg.get("text_cfg") or {}
     overrides = {}
     if text_cfg.get("hf_model_name"):
@@ -103,29 +102,6 @@ def load_open_clip(
             raise RemoteCodeRefused(source, "tokenizer_config.json", reference) from err
         raise
     return LoadedModel(model, tokenizer, preprocess, source)
-
-
-def _open_clip_model_cfg(source: str) -> dict | None:
-    """The ``model_cfg`` open_clip will build ``source`` from, or ``None`` where open_clip reports the problem."""
-    import open_clip
-
-    if source.startswith("local-dir:"):
-        path = Path(source[len("local-dir:") :]) / "open_clip_config.json"
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except OSError:
-            return None
-        except ValueError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        return config.get("model_cfg") if isinstance(config, dict) else None
-    if source.startswith("hf-hub:"):
-        from open_clip.factory import _get_hf_config
-
-        try:
-            return _get_hf_config(source[len("hf-hub:") :]).get("model_cfg")
-        except Exception:  # offline, unknown repo: open_clip's own call raises the error the user should see
-            return None
-    return open_clip.get_model_config(source.replace("/", "-"))
 
 
 def resolve_local_text_model(folder: Path, name: str) -> str:

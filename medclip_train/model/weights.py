@@ -7,6 +7,7 @@ read with ``torch.load(weights_only=True)`` or safetensors: no pickle code runs.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def load_clip_weights(model: torch.nn.Module, source: str, image_pool: str | Non
         state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     else:
         if source.startswith("local-dir:"):
-            check_image_pool(source, _export_image_pool(Path(source[len("local-dir:") :])), image_pool)
+            check_image_pool(source, _export_image_pool(source), image_pool)
         state = _read_open_clip_weights(source)
     report = load_state_dict_report(model, state)
     if report["loaded"] == 0:
@@ -91,15 +92,33 @@ def _project_image_pool(clip: dict) -> str | None:
     return PRESETS[clip["preset"]]["model_cfg"]["vision_cfg"].get("timm_pool") or "token"  # "": timm's ViT default
 
 
-def _export_image_pool(folder: Path) -> str | None:
-    """The timm pooling in an open_clip folder's ``open_clip_config.json``, if it names a timm tower."""
-    import json
-
-    try:
-        vision = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # not ours to judge: the weights loader names what is missing
+def _export_image_pool(source: str) -> str | None:
+    """The timm pooling in an open_clip folder's config, if it names a timm tower."""
+    vision = (open_clip_model_cfg(source) or {}).get("vision_cfg") or {}
     return (vision.get("timm_pool") or "token") if "timm_model_name" in vision else None
+
+
+def open_clip_model_cfg(source: str) -> dict | None:
+    """The ``model_cfg`` open_clip will build ``source`` from, or ``None`` where open_clip reports the problem."""
+    import open_clip
+
+    if source.startswith("local-dir:"):
+        path = Path(source[len("local-dir:") :]) / "open_clip_config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except OSError:
+            return None
+        except ValueError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return config.get("model_cfg") if isinstance(config, dict) else None
+    if source.startswith("hf-hub:"):
+        from open_clip.factory import _get_hf_config
+
+        try:
+            return _get_hf_config(source[len("hf-hub:") :]).get("model_cfg")
+        except Exception:  # offline, unknown repo: open_clip's own call raises the error the user should see
+            return None
+    return open_clip.get_model_config(source.replace("/", "-"))
 
 
 def _read_open_clip_weights(source: str) -> dict:
