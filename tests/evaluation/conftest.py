@@ -35,6 +35,17 @@ def tiny_clip(eval_tokenizer_dir):
     return SimpleNamespace(model=built.model.eval(), tokenizer=built.tokenizer, preprocess=preprocess, name="tiny")
 
 
+# The suite tests' BreastMNIST catalog entry (the real slice in tests/fixtures/realdata, in the shipped catalog's form).
+BREASTMNIST_ENTRY = {
+    "name": "breastmnist",
+    "layout": "medmnist_npz",
+    "path": "medmnist/breastmnist.npz",
+    "classes": ["malignant", "normal_benign"],
+    "prompts": "medmnist_breastmnist",
+    "modality": "ultrasound",
+}
+
+
 def random_image(rng: np.random.Generator, tint: int, size: int = 24) -> Image.Image:
     """A noisy image whose mean colour depends on ``tint``, so classes differ a little."""
     base = np.zeros((size, size, 3), dtype=np.float32)

@@ -26,7 +26,7 @@ from medclip_train.data.class_folders import slug
 from medclip_train.evaluation import cli
 from medclip_train.evaluation.catalog import load_catalog
 from medclip_train.evaluation.prompts import load_prompt_set
-from tests.evaluation.conftest import write_image_folder
+from tests.evaluation.conftest import BREASTMNIST_ENTRY, write_image_folder
 
 BREASTMNIST = Path(__file__).resolve().parents[1] / "fixtures" / "realdata" / "medmnist" / "breastmnist.npz"
 ORGAN_PROMPTS = {
@@ -80,14 +80,7 @@ def catalog(tmp_path_factory) -> Path:
     data = {
         "settings": {"folds": FOLDS, "shots": SHOTS, "knn_k": KNN_K, "seed": 0},
         "datasets": [
-            {
-                "name": "breastmnist",
-                "layout": "medmnist_npz",
-                "path": "medmnist/breastmnist.npz",
-                "classes": ["malignant", "normal_benign"],
-                "prompts": "medmnist_breastmnist",
-                "modality": "ultrasound",
-            },
+            BREASTMNIST_ENTRY,
             {"name": "organs", "layout": "imagefolder", "path": "organs", "modality": "histology"},
             {"name": "pcam", "layout": "clip_benchmark", "path": "wds_pcam", "prompts": "pcam"},
         ],

@@ -16,7 +16,7 @@ import yaml
 
 from medclip_train.evaluation.datasets import open_classification
 from medclip_train.evaluation.features import Encoder
-from tests.evaluation.conftest import write_image_folder
+from tests.evaluation.conftest import BREASTMNIST_ENTRY, write_image_folder
 from tests.evaluation.test_datasets import write_clip_benchmark_folder
 from tests.evaluation.test_suite_cli import BREASTMNIST, checkpoint
 
@@ -73,14 +73,7 @@ def test_two_ranks_give_the_features_and_figures_of_one_process(tmp_path, tiny_t
                 "settings": {"folds": 2, "shots": [1], "knn_k": 3},
                 "datasets": [
                     {"name": "organs", "layout": "imagefolder", "path": "organs", "modality": "histology"},
-                    {
-                        "name": "breastmnist",
-                        "layout": "medmnist_npz",
-                        "path": "medmnist/breastmnist.npz",
-                        "classes": ["malignant", "normal_benign"],
-                        "prompts": "medmnist_breastmnist",
-                        "modality": "ultrasound",
-                    },
+                    BREASTMNIST_ENTRY,
                     {"name": "cb", "layout": "clip_benchmark", "path": "cb", "modality": "photo"},
                 ],
             }

@@ -34,6 +34,12 @@ class KeyRecorder(L.Callback):
             os.fsync(f.fileno())
 
 
+def sigkill(proc) -> None:
+    """SIGKILL a run started by :func:`train_py` and reap it."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 class SlowDown(L.Callback):
     """Sleeps before each step, so that a test can kill the run between two checkpoints without racing it.
 

@@ -22,6 +22,7 @@ from tests.training.conftest import (
     read_metrics,
     read_summary,
     run_cli,
+    sigkill,
     train_py,
 )
 
@@ -67,12 +68,8 @@ def test_sigkill_then_resume_finishes_the_planned_run(tmp_path, shards, tok):
     proc = train_py(fit_args(tok, pattern, root, *common, *slow), log=tmp_path / "killed.log")
     try:
         wait_for_checkpoint(proc, root)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill(proc)
     assert proc.returncode == -signal.SIGKILL
     assert not (root / "summary.json").exists(), "the run finished before it was killed"
 

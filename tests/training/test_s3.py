@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from tests.training.conftest import (
     read_keys,
     read_summary,
     run_cli,
+    sigkill,
     train_py,
 )
 
@@ -121,12 +121,8 @@ def test_upload_killed_midway_leaves_the_previous_checkpoint_as_last(s3, tok, tm
     proc = train_py(fit_args(tok, pattern, root, *args), log=tmp_path / "killed.log")
     try:
         assert s3.slow.started.wait(timeout=240), (tmp_path / "killed.log").read_text()[-3000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill(proc)
     assert (root / "step0000004.ckpt").exists(), "killed after the local save, during the upload"
     s3.fs.invalidate_cache()
     assert remote_json(s3, "latest.json", "runs/b")["step"] == 2
