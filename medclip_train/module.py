@@ -105,8 +105,13 @@ class CLIPModule(L.LightningModule):
         return self.model(image, text)
 
     def images(self, batch: dict) -> torch.Tensor:
-        """The batch's images as model input: uint8 pixels from the loader are normalised here, on the device."""
-        return normalize_pixels(batch["image"], self.pixel_mean, self.pixel_std)
+        """The batch's images as model input: uint8 pixels from the loader are normalised here, on the device.
+
+        Normalised in float32, then cast to the parameters' dtype: under ``trainer.precision=bf16-true`` the weights
+        are bf16 and Lightning converts only the batch's float tensors, not these uint8 pixels.
+        """
+        images = normalize_pixels(batch["image"], self.pixel_mean.float(), self.pixel_std.float())
+        return images.to(self.model.logit_scale.dtype)
 
     # ---- sharding ----------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -81,3 +82,60 @@ def test_repeated_nan_steps_stop_the_run_with_advice(tmp_path, shards, tok):
     for advice in ("bf16-mixed", "model.optim.lr", "warmup_steps", "model.grad_clip_norm"):
         assert advice in message
     assert len(read_metrics(root)) <= 3, "the run stopped at the third skip"
+
+
+class DtypeProbe(L.Callback):
+    """Records, after each optimizer step, the dtypes of the parameters and of AdamW's moments."""
+
+    def __init__(self):
+        self.dtypes: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        opt = trainer.optimizers[0]
+        moments = {v.dtype for st in opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")}
+        params = {p.dtype for p in pl_module.model.parameters()}
+        self.dtypes.append({"params": sorted(map(str, params)), "moments": sorted(map(str, moments))})
+
+
+def test_bf16_true_keeps_weights_and_adamw_state_in_bf16_resumes_and_exports(tmp_path, shards, tok):
+    """Lightning's ``bf16-true`` (open_clip's ``--precision pure_bf16``) with the manual-optimisation step: the loss
+    stays finite, parameters and AdamW moments are bf16, last.ckpt resumes, and the export loads."""
+    from medclip_train.export import export_checkpoint
+    from medclip_train.model.loading import load_project_checkpoint
+
+    pattern = shards([16, 16])
+    root = tmp_path / "run"
+    options = "--trainer.precision bf16-true --checkpoint.every_n_train_steps 4".split()
+    options += "--model.optim.lr 1e-3 --model.optim.schedule constant --model.optim.warmup_steps 2".split()
+    cli = run_cli(
+        fit_args(
+            tok, pattern, root, *options, "--trainer.max_steps", "4", "--trainer.callbacks+", callback_arg(DtypeProbe)
+        )
+    )
+    probe = find_callback(cli, DtypeProbe)
+    assert probe.dtypes and all(
+        d == {"params": ["torch.bfloat16"], "moments": ["torch.bfloat16"]} for d in probe.dtypes
+    )
+    summary = read_summary(root)
+    assert summary["precision"] == "bf16-true" and summary["steps"] == 4 and summary["skipped_steps"] == 0
+    assert all(math.isfinite(float(row["train/loss"])) for row in read_metrics(root))
+
+    ckpt = torch.load(root / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert {v.dtype for k, v in ckpt["state_dict"].items() if k.startswith("model.") and v.is_floating_point()} == {
+        torch.bfloat16
+    }
+    cli = run_cli(fit_args(tok, pattern, root, *options, "--trainer.max_steps", "8", "--ckpt_path", "last"))
+    assert read_summary(root)["steps"] == 8 and cli.trainer.global_step == 8
+    assert {p.dtype for p in cli.model.model.parameters()} == {torch.bfloat16}
+
+    folder = export_checkpoint(str(root / "last.ckpt"), str(tmp_path / "export"))
+    loaded = load_project_checkpoint(root / "last.ckpt")
+    trained = {
+        k[len("model.") :]: v
+        for k, v in torch.load(root / "last.ckpt", weights_only=True)["state_dict"].items()
+        if k.startswith("model.")
+    }
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value.to(trained[name].dtype), trained[name]), name
+    assert (folder / "open_clip_model.safetensors").exists()
