@@ -10,12 +10,13 @@ a markdown table, plus the skipped datasets) and ``results.json`` (everything, p
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from medclip_train.evaluation.bar_charts import save_task_charts
+from medclip_train.evaluation.bar_charts import save_task_charts, task_family
 from medclip_train.evaluation.catalog import Catalog, CatalogEntry, load_catalog
 from medclip_train.evaluation.distributed import (
     close,
@@ -310,21 +311,55 @@ def csv_rows(rows: list[dict], labels: list[str]) -> list[dict]:
     return out
 
 
+LOWER_IS_BETTER = {"top1_drop", "cosine_shift", "flipped", "flipped_to_written"}
+"""Metrics where the robust model scores less (the overlay probe's shifts); every other metric: higher is better."""
+
+
+def _cell_score(cell: dict | None) -> float | None:
+    value = (cell or {}).get("mean", (cell or {}).get("value"))
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _bold_best(row: dict, labels: list[str], texts: dict[str, str]) -> dict[str, str]:
+    """The best model's cell in bold (every tied one, as printed); nothing marked with one model or no figure."""
+    scores = {label: _cell_score(row["cells"].get(label)) for label in labels}
+    scores = {label: round(v, 4) for label, v in scores.items() if v is not None}  # as the table prints them
+    if len(labels) < 2 or not scores:
+        return texts
+    best = (min if row["metric"] in LOWER_IS_BETTER else max)(scores.values())
+    return {label: f"**{t}**" if scores.get(label) == best else t for label, t in texts.items()}
+
+
+def task_tables(rows: list[dict], labels: list[str], charts: dict | None = None) -> list[str]:
+    """One markdown section per task (family: ``knn (5-fold) k=20`` and ``k=3`` share one), datasets as rows, models
+    as columns, the best figure of each row in bold, the task's bar chart under its table."""
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(task_family(row["task"]), []).append(row)
+    lines = []
+    for family, family_rows in families.items():
+        table_rows = [
+            {"dataset": r["dataset"], "task": r["task"], "metric": r["metric"], "chance": r["chance"]}
+            | _bold_best(r, labels, {label: _cell_text(r["cells"].get(label)) for label in labels})
+            for r in family_rows
+        ]
+        lines += [f"## {family}", "", markdown_table(table_rows, ["dataset", "task", "metric", "chance", *labels])]
+        if charts and family in charts:
+            lines += ["", f"![{family}]({charts[family]})"]
+        lines.append("")
+    return lines
+
+
 def report_markdown(
     rows: list[dict], labels: list[str], skipped: list[dict], results: dict, catalog, modality_maps=None, charts=None
 ) -> str:
-    table_rows = [
-        {"dataset": r["dataset"], "task": r["task"], "metric": r["metric"], "chance": r["chance"]}
-        | {label: _cell_text(r["cells"].get(label)) for label in labels}
-        for r in rows
-    ]
     settings = catalog.settings
     lines = [
-        markdown_table(table_rows, ["dataset", "task", "metric", "chance", *labels]),
-        "",
+        *task_tables(rows, labels, charts),
         "zero-shot: value [95% bootstrap interval] over the test images (for up to "
         f"{BOOTSTRAP_MAX_N} images); probes: mean ± std over stratified folds (seed {settings.seed}); "
-        "chance: the score of a model that ignores the image. Feature map: cosine silhouette score (chance 0) and kNN "
+        "chance: the score of a model that ignores the image; in bold, the best model of a row (the least shift and "
+        "fewest flips for the text overlay). Feature map: cosine silhouette score (chance 0) and kNN "
         "purity, the share of each image's k nearest neighbours with its class (chance: the sum of squared class "
         "shares). Text overlay: the same images with a caption burnt into a corner (another class's name: class "
         "c+1 mod C; or a neutral string), zero-shot top-1 clean and with it, the mean cosine shift 1 - cos(clean, "
@@ -339,9 +374,6 @@ def report_markdown(
         f"- {label} / all datasets: " + ", ".join(f"[{Path(p).stem}]({p})" for p in plots)
         for label, plots in (modality_maps or {}).items()
     ]
-    if charts:
-        lines += ["", "Bar charts (a panel per metric, a bar per model, chance dashed):", ""]
-        lines += [f"![{family}]({path})" for family, path in charts.items()]
     if maps:
         lines += ["", "Feature maps (coloured by class; over all datasets, by modality):", *maps]
     notes = [

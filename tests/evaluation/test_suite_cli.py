@@ -157,8 +157,8 @@ def test_cross_validated_probes_equal_scikit_learns_cross_val_score(suite, model
 
 def test_the_table_has_a_column_per_model_and_a_row_per_dataset_task_metric(suite):
     report = (suite["out"] / "report.md").read_text()
-    assert report.splitlines()[0] == "| dataset | task | metric | chance | model_1 | model_2 |"
-    assert report.splitlines()[0] in suite["printed"]
+    assert report.splitlines()[:3] == ["## zero-shot", "", "| dataset | task | metric | chance | model_1 | model_2 |"]
+    assert report.splitlines()[2] in suite["printed"]
     with (suite["out"] / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:6] == ["dataset", "task", "metric", "chance", "model_1", "model_2"]
