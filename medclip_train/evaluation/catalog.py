@@ -158,7 +158,9 @@ class _NpzDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        image = Image.fromarray(self.images[i]).convert("RGB")
+        image = Image.fromarray(self.images[i])
+        if not (image.mode == "L" and getattr(self.transform, "keeps_grey", False)):
+            image = image.convert("RGB")
         return self.transform(image), f"{self.split}_{i:06d}", int(self.labels[i])
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, pil_loader
 
@@ -73,7 +74,19 @@ class PathLabelDataset(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return self.transform(pil_loader(str(path))), path.relative_to(self.root).as_posix(), label
+        image = load_image(path) if getattr(self.transform, "keeps_grey", False) else pil_loader(str(path))
+        return self.transform(image), path.relative_to(self.root).as_posix(), label
+
+
+def load_image(path) -> Image.Image:
+    """The decoded image, greyscale (``L``) left as it is, every other mode as RGB (as ``pil_loader`` gives it), for
+    transforms that make it RGB after resizing (``keeps_grey``)."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        if image.mode in ("L", "RGB"):
+            image.load()
+            return image
+        return image.convert("RGB")
 
 
 class ShardReader:

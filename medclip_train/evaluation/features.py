@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
 from tqdm import tqdm
 
 from medclip_train.atomic_files import AtomicFile
@@ -23,6 +25,69 @@ from medclip_train.evaluation.distributed import from_rank0, gather, rank, world
 
 CACHE_VERSION = 1
 """Bumped when what is stored changes, so old cache files are not read back."""
+
+
+class PixelTransform:
+    """The eval transform up to the resized/cropped pixels, ending in a uint8 RGB (3, H, W) tensor.
+
+    The loader workers then ship a quarter of the bytes of float32, and the float work (``ToTensor`` + ``Normalize``)
+    runs once per batch where the model runs (:func:`normalize_batch`), in the same operations, so the features are
+    bit-identical to the float transform's. ``keeps_grey``: a greyscale (``L``) image may enter as it is and becomes
+    RGB after the resize: a resize works on each band alike, so the pixels are those of resizing its RGB copy, at a
+    third of the work (most medical images are greyscale).
+    """
+
+    keeps_grey = True
+
+    def __init__(self, steps: list, mean, std):
+        self.steps, self.mean, self.std = steps, tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        for step in self.steps:
+            image = step(image)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return transforms.functional.pil_to_tensor(image)
+
+    def __repr__(self) -> str:
+        return f"PixelTransform({self.steps}, mean={self.mean}, std={self.std})"
+
+
+PIXEL_STEPS = {"Resize", "CenterCrop", "MaybeConvertMode", "_convert_to_rgb", "ResizeKeepRatio", "CenterCropOrPad"}
+"""Steps of open_clip's eval transforms (all work on each band alike and pad with 0)."""
+
+
+def pixel_transform(preprocess) -> PixelTransform | None:
+    """``preprocess`` (a torchvision Compose ending in ToTensor + Normalize, as open_clip's eval transforms do) without
+    that tail; ``None`` for any other transform, which then runs as it is."""
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-1], transforms.Normalize):
+        return None
+    if type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
+        return None
+    if any(getattr(step, "__name__", type(step).__name__) not in PIXEL_STEPS for step in steps[:-2]):
+        return None  # a step this module does not know might not treat a greyscale image like its RGB copy
+    return PixelTransform(steps[:-2], steps[-1].mean, steps[-1].std)
+
+
+def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 as ``ToTensor`` + ``Normalize`` compute it per image: ``x / 255``, minus the mean,
+    divided by the std, in that order (the same IEEE operations, so the same bits). Float input is returned as is."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+def loader_workers(workers: int, n: int | None, batch_size: int, shards: int | None = None) -> int:
+    """Loader processes worth starting: none for a single batch (starting them costs more than decoding it), no more
+    than batches (map-style) or shards (each worker reads whole shards) to share."""
+    if n is not None and n <= batch_size:
+        return 0
+    if n is not None:
+        workers = min(workers, -(-n // batch_size))
+    return min(workers, shards) if shards is not None else workers
 
 
 @dataclass
@@ -152,6 +217,13 @@ class Encoder:
     def _autocast(self):
         return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self._autocast_on)
 
+    @property
+    def _loader_transform(self):
+        """What the loader workers run: :class:`PixelTransform` where ``preprocess`` allows it, else ``preprocess``."""
+        if getattr(self, "_pixels_for", None) is not self.preprocess:
+            self._pixels_for, self._pixels = self.preprocess, pixel_transform(self.preprocess)
+        return self._pixels or self.preprocess
+
     def _encode_images(self, source, max_samples: int | None, desc: str) -> EncodedImages:
         if getattr(source, "urls", None) is not None:
             return self._encode_shards(source, max_samples, desc)
@@ -160,9 +232,12 @@ class Encoder:
     def _encode_indexed(self, source, max_samples: int | None, desc: str) -> EncodedImages:
         """A map-style dataset: rank r of N encodes samples r, r + N, ...; gathered back into index order."""
         r, n_ranks = (rank(), world_size()) if self.split_over_ranks else (0, 1)
-        dataset = source.torch_dataset(self.preprocess)
+        dataset = source.torch_dataset(self._loader_transform)
         n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-        features, keys, metas, _ = self._run(Subset(dataset, range(r, n, n_ranks)), desc, n // n_ranks)
+        subset = Subset(dataset, range(r, n, n_ranks))
+        features, keys, metas, _ = self._run(
+            subset, desc, n // n_ranks, workers=loader_workers(self.workers, len(subset), self.batch_size)
+        )
         if n_ranks == 1:
             return EncodedImages(features, keys, metas)
         parts = gather((features, keys, metas))
@@ -181,11 +256,12 @@ class Encoder:
         """
         r, n_ranks = (rank(), world_size()) if self.split_over_ranks else (0, 1)
         urls = source.urls[r::n_ranks]
-        in_order = n_ranks == 1 and self.workers == 0  # arrival order is shard order: may stop at max_samples
+        total = len(source) if hasattr(source, "__len__") else None
+        workers = loader_workers(self.workers, None, self.batch_size, shards=len(urls))
+        in_order = n_ranks == 1 and workers == 0  # arrival order is shard order: may stop at max_samples
         if urls:
-            dataset = source.torch_dataset(self.preprocess, urls=urls, positions=True)
-            total = len(source) if hasattr(source, "__len__") else None
-            encoded = self._run(dataset, desc, total, max_samples if in_order else None)
+            dataset = source.torch_dataset(self._loader_transform, urls=urls, positions=True)
+            encoded = self._run(dataset, desc, total, max_samples if in_order else None, workers)
         else:  # more ranks than shards
             encoded = (torch.empty(0, 0), [], [], [])
         parts = gather(encoded) if n_ranks > 1 else [encoded]
@@ -196,12 +272,13 @@ class Encoder:
         return EncodedImages(features, [parts[i][1][j] for _, i, j in rows], [parts[i][2][j] for _, i, j in rows])
 
     @torch.no_grad()
-    def _run(self, dataset, desc: str, total: int | None, limit: int | None = None) -> tuple:
+    def _run(self, dataset, desc: str, total: int | None, limit: int | None = None, workers: int | None = None):
         """(features, keys, metas, positions) of ``dataset`` in loader order, the first ``limit`` at most."""
+        pixels = self._pixels if self._loader_transform is not self.preprocess else None
         loader = DataLoader(
             dataset,
             batch_size=self.batch_size,
-            num_workers=self.workers,
+            num_workers=self.workers if workers is None else workers,
             collate_fn=collate,
             pin_memory=str(self.device).startswith("cuda"),
         )
@@ -210,7 +287,10 @@ class Encoder:
         with tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False) as bar, self._autocast():
             for images, batch_keys, batch_metas, *batch_positions in loader:
                 room = len(batch_keys) if limit is None else limit - len(keys)
-                out = self.model.encode_image(images[:room].to(self.device, non_blocking=True), normalize=True)
+                images = images[:room].to(self.device, non_blocking=True)
+                if pixels is not None:
+                    images = normalize_batch(images, pixels.mean, pixels.std)
+                out = self.model.encode_image(images, normalize=True)
                 features.append(out.float().cpu())
                 keys += batch_keys[:room]
                 metas += batch_metas[:room]
