@@ -2,10 +2,14 @@
 
 ``python -m bench train`` runs, alternately, ``train.py fit --config configs/bench_cpu.yaml`` (ours) and
 open_clip_train (theirs, in the anchor venv, see README.md), both with vit_tiny at 224 px + the 4-layer 256-wide
-BERT (context 128, embed 256), batch 32, bf16 autocast, one loader worker. Each side's steady state leaves out the
-first ``--warmup`` steps and is timed the same way: end of step ``warmup`` to end of the last step (ours: a
-callback's host clock per step; theirs: the sum of open_clip's per-step ``Batch (t)`` with
-``--log-every-n-steps 1``). MFU divides model FLOPs/s by the peak ``torch.mm`` rate measured in the same run.
+BERT (context 128, embed 256), batch 32, bf16 autocast, one loader worker. open_clip runs with the settings its
+users train with (``--local-loss --gather-with-grad``, its default logging interval of 100 steps). Both sides report
+the median step rate of the steps after the first ``--warmup``, measured the same way: the time from the end of one
+step to the end of the next (ours: a callback's host clock; theirs: the per-step batch time open_clip measures
+itself, ``batch_time_m``, whose interval means it logs as ``Batch (t)``, kept per step by bench/_anchor.py). An
+independent figure next to them: a plain ``python -m open_clip_train.main --model local-dir:DIR`` started as a user
+would, its median taken over its own logged per-interval ``Batch (t)``. MFU divides model FLOPs/s by the peak
+``torch.mm`` rate measured in the same run.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -41,6 +46,8 @@ PRESET = "bench_cpu_vit_tiny_bert_mini"
 CONFIG = "configs/bench_cpu.yaml"
 BATCH_SIZE = 32
 _OPEN_CLIP_STEP = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([0-9.]+)")
+OPEN_CLIP_USUAL = ["--local-loss", "--gather-with-grad"]
+"""What open_clip's README trains with; on one process they change nothing, but they are its users' settings."""
 
 
 class StepTimes(L.Callback):
@@ -91,6 +98,28 @@ def steady_rate(step_times: list[float], warmup: int, batch_size: int = BATCH_SI
     if len(step_times) < warmup + 2:
         return None
     return batch_size * (len(step_times) - 1 - warmup) / (step_times[-1] - step_times[warmup])
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def median_rate(durations: list[float], batch_size: int = BATCH_SIZE) -> float | None:
+    """Samples/s of the median step, from per-step durations (seconds)."""
+    return batch_size / median(durations) if durations else None
+
+
+def logged_windows(log_text: str, batch_size: int) -> list[tuple[int, int, float]]:
+    """open_clip's log lines as (first step, last step, mean batch time) of each logging interval: each line's
+    ``Batch (t)`` is the mean per-step time since the line before (its meters are reset after every line)."""
+    windows, last = [], 0
+    for n_samples, t in _OPEN_CLIP_STEP.findall(log_text):
+        step = int(n_samples) // batch_size
+        windows.append((last + 1, step, float(t)))
+        last = step
+    return windows
 
 
 # ---- model: open_clip config and FLOPs -----------------------------------------------------------------------------
@@ -194,9 +223,12 @@ def run_ours(
     summary = json.loads((run_dir / "summary.json").read_text())
     syncs_path = run_dir / "cuda_syncs.json"
     syncs = json.loads(syncs_path.read_text())[warmup:] if syncs_path.exists() else []
+    times = json.loads(times_path.read_text())
+    durations = [b - a for a, b in zip(times[warmup:], times[warmup + 1 :])]  # steps warmup+1 .. last
     return {
         "cuda_syncs_per_step": sorted(syncs)[len(syncs) // 2] if syncs else None,
-        "samples_per_s": steady_rate(json.loads(times_path.read_text()), warmup, batch_size),
+        "samples_per_s": median_rate(durations, batch_size),
+        "steady_mean_samples_per_s": steady_rate(times, warmup, batch_size),
         "summary_steady_samples_per_s": summary.get("steady_samples_per_s"),
         "final_loss": summary.get("final_loss"),
         **proc,
@@ -223,7 +255,6 @@ def open_clip_flags(data: dict, steps: int, model_name: str, run_dir: Path, batc
         "--eps": 1e-6,
         "--grad-clip-norm": 1.0,
         "--seed": 0,
-        "--log-every-n-steps": 1,
         "--report-to": "",
         "--save-frequency": 0,
         "--zeroshot-frequency": 0,
@@ -244,33 +275,84 @@ def run_theirs(
     overrides: dict | None = None,
     extra: list[str] = (),
 ) -> dict:
-    """open_clip_train on the bench shards; ``overrides`` replace flags of ``open_clip_flags``, ``extra`` are
-    appended (switches such as ``--dataset-resampled``)."""
+    """open_clip_train on the bench shards, its logging interval left at its default; ``overrides`` replace flags
+    of ``open_clip_flags``, ``extra`` are appended (switches such as ``--dataset-resampled``)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)  # open_clip refuses to reuse an experiment folder
     flags = {**open_clip_flags(data, steps, model_json.stem, run_dir, batch_size), **(overrides or {})}
-    cmd = [anchor_python, str(REPO_ROOT / "bench" / "_anchor.py"), "train", str(model_json), "--"]
-    cmd += [*_flags(flags), *extra]
+    times_path = run_dir.parent / f"{run_dir.name}.step_times.json"
+    times_path.unlink(missing_ok=True)
+    cmd = [anchor_python, str(REPO_ROOT / "bench" / "_anchor.py"), "train", str(model_json)]
+    cmd += ["--step-times", str(times_path), "--", *_flags(flags), *OPEN_CLIP_USUAL, *extra]
     log = run_dir.parent / f"{run_dir.name}.log"
     proc = run_logged(cmd, log, env=bench_env(PYTHONPATH=""))
-    steps_seen = [(int(n), float(t)) for n, t in _OPEN_CLIP_STEP.findall(log.read_text())]
-    if proc["rc"] != 0 or len(steps_seen) < warmup + 2:
-        raise RuntimeError(f"open_clip run failed (exit {proc['rc']}, {len(steps_seen)} steps logged); see {log}")
-    batch_times = [t for _, t in steps_seen]
+    batch_times = json.loads(times_path.read_text()) if times_path.exists() else []
+    if proc["rc"] != 0 or len(batch_times) < warmup + 2:
+        raise RuntimeError(f"open_clip run failed (exit {proc['rc']}, {len(batch_times)} steps timed); see {log}")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # its end-of-epoch checkpoint is not needed
+    steady = batch_times[warmup:]  # steps warmup+1 .. last
     return {
-        "samples_per_s": batch_size * (len(batch_times) - 1 - warmup) / sum(batch_times[warmup + 1 :]),
+        "samples_per_s": median_rate(steady, batch_size),
+        "steady_mean_samples_per_s": batch_size * len(steady) / sum(steady),
+        "logged_windows": logged_windows(log.read_text(), batch_size),
+        **proc,
+    }
+
+
+def run_independent(
+    data: dict,
+    steps: int,
+    warmup: int,
+    run_dir: Path,
+    anchor_python: str,
+    model_json: Path,
+    log_every: int,
+    batch_size: int = BATCH_SIZE,
+) -> dict:
+    """``python -m open_clip_train.main`` from the command line, as a user runs it (no wrapper; the model is a
+    ``local-dir:`` folder), logging every ``log_every`` steps: the median over its logged intervals that start after
+    step ``warmup`` of ``batch_size / Batch (t)``."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    model_dir = run_dir.parent / "open_clip_local_dir"
+    if not (model_dir / "open_clip_config.json").exists():
+        prep = [anchor_python, str(REPO_ROOT / "bench" / "_anchor.py"), "local-dir", str(model_json), str(model_dir)]
+        made = run_logged(prep, run_dir.parent / "open_clip_local_dir.log", env=bench_env(PYTHONPATH=""))
+        if made["rc"] != 0:
+            raise RuntimeError(f"could not write {model_dir}; see {run_dir.parent / 'open_clip_local_dir.log'}")
+    flags = {**open_clip_flags(data, steps, f"local-dir:{model_dir}", run_dir, batch_size)}
+    flags["--log-every-n-steps"] = log_every
+    cmd = [anchor_python, "-m", "open_clip_train.main", *_flags(flags), *OPEN_CLIP_USUAL]
+    log = run_dir.parent / f"{run_dir.name}.log"
+    proc = run_logged(cmd, log, env=bench_env(PYTHONPATH=""))
+    windows = [w for w in logged_windows(log.read_text(), batch_size) if w[0] > warmup]
+    if proc["rc"] != 0 or not windows:
+        raise RuntimeError(f"open_clip_train.main failed (exit {proc['rc']}, no interval after warmup); see {log}")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return {
+        "samples_per_s": median([batch_size / t for _, _, t in windows]),
+        "steady_mean_samples_per_s": batch_size
+        * sum(b - a + 1 for a, b, _ in windows)
+        / sum((b - a + 1) * t for a, b, t in windows),
+        "logged_windows": windows,
+        "command": shlex.join(cmd),
         **proc,
     }
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
 def summarise(runs: dict, flops: dict, rates: dict) -> tuple[list[list], dict]:
-    """Per side: mean steady samples/s, MFU (useful FLOPs: at the trimmed text length, for both sides), HFU (the
-    FLOPs each side executes: open_clip pads every caption to 128 tokens), peak memory, foreign load."""
+    """Per side: the mean over runs of each run's median-step samples/s, MFU (useful FLOPs: at the trimmed text
+    length, for every side), HFU (the FLOPs each side executes: open_clip pads every caption to 128 tokens), peak
+    memory, foreign load."""
     rows, sides = [], {}
-    for side, label, executed in (("ours", "medclip-train", flops["trimmed"]), ("theirs", "open_clip 3.3", flops[128])):
-        if not runs[side]:
+    labels = (
+        ("ours", "medclip-train", flops["trimmed"]),
+        ("theirs", "open_clip 3.3 (bench/_anchor.py)", flops[128]),
+        ("independent", "open_clip 3.3 (python -m open_clip_train.main)", flops[128]),
+    )
+    for side, label, executed in labels:
+        if not runs.get(side):
             continue
         sps = mean([r["samples_per_s"] for r in runs[side]])
         s = {
@@ -287,6 +369,7 @@ def summarise(runs: dict, flops: dict, rates: dict) -> tuple[list[list], dict]:
                 label,
                 " / ".join(f"{r['samples_per_s']:.1f}" for r in runs[side]),
                 sps,
+                " / ".join(f"{r['steady_mean_samples_per_s']:.1f}" for r in runs[side]),
                 f"{100 * s['mfu_bf16']:.0f}%",
                 f"{100 * s['mfu_fp32']:.0f}%",
                 f"{100 * s['hfu_bf16']:.0f}%",
@@ -297,13 +380,16 @@ def summarise(runs: dict, flops: dict, rates: dict) -> tuple[list[list], dict]:
         )
     if "theirs" in sides and "ours" in sides:
         sides["ratio"] = sides["ours"]["samples_per_s"] / sides["theirs"]["samples_per_s"]
+    if "independent" in sides and "ours" in sides:
+        sides["ratio_independent"] = sides["ours"]["samples_per_s"] / sides["independent"]["samples_per_s"]
     return rows, sides
 
 
 HEADERS = [
     "loop",
-    "samples/s per run",
+    "median-step samples/s per run",
     "mean samples/s",
+    "steady mean samples/s per run",
     "MFU (bf16 mm)",
     "MFU (fp32 mm)",
     "HFU (bf16 mm)",
@@ -320,6 +406,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="runs per side, alternating ours/theirs")
     p.add_argument("--anchor-python", default=DEFAULT_ANCHOR_PYTHON, help="python of the open_clip anchor venv")
     p.add_argument("--no-anchor", action="store_true", help="measure this project only")
+    p.add_argument(
+        "--no-independent", action="store_true", help="leave out the plain `python -m open_clip_train.main` runs"
+    )
+    p.add_argument(
+        "--independent-log-every",
+        type=int,
+        default=10,
+        help="--log-every-n-steps of the plain open_clip_train.main runs: its median is over its logged intervals, "
+        "so the interval must be well below --steps (its default, 100, needs 300+ steps)",
+    )
     p.add_argument("--ours-args", default="", help="extra train.py overrides for our runs (one string)")
     p.add_argument("--quiet-wait", type=float, default=30.0, help="max wait for a quiet machine before each run, s")
     p.add_argument("--gpu", action="store_true", help="GPU benchmark (not implemented yet, see BENCHMARKS.md)")
@@ -353,7 +449,22 @@ def main(argv: list[str]) -> None:
         sides.append(
             ("theirs", lambda i: run_theirs(data, a.steps, a.warmup, run_root / f"theirs-{i}", anchor, model_json))
         )
-    runs = {"theirs": [], **alternate(sides, a.repeats, a.quiet_wait)}
+        if not a.no_independent:
+            sides.append(
+                (
+                    "independent",
+                    lambda i: run_independent(
+                        data,
+                        a.steps,
+                        a.warmup,
+                        run_root / f"independent-{i}",
+                        anchor,
+                        model_json,
+                        a.independent_log_every,
+                    ),
+                )
+            )
+    runs = {"theirs": [], "independent": [], **alternate(sides, a.repeats, a.quiet_wait)}
     wait_for_quiet(a.quiet_wait)
     rates_after = matmul_rates()
     rates = {k: max(v, rates_after[k]) for k, v in rates.items()}  # the peak: best of before and after
@@ -364,6 +475,11 @@ def main(argv: list[str]) -> None:
         f"{flops[128] / 1e9:.2f} GFLOP/sample at 128 tokens, {flops['trimmed'] / 1e9:.2f} at the mean trimmed batch "
         f"length {text_len:.0f} (MFU counts the latter for both sides, HFU what each side executes)"
         + (f"; medclip-train / open_clip = {summary['ratio']:.2f}x" if "ratio" in summary else "")
+        + (
+            f"; medclip-train / plain open_clip_train.main = {summary['ratio_independent']:.2f}x"
+            if "ratio_independent" in summary
+            else ""
+        )
     )
     print(table)
     result = {
