@@ -172,9 +172,17 @@ def _file_stamp(path: Path, root: Path | None = None) -> list:
 
 
 def collate(batch):
-    """Stack images; keep keys, metas (and shard positions) as lists (the default collate mangles dicts of lists)."""
+    """Stack images; keep keys, metas (and shard positions) as lists (the default collate mangles dicts of lists).
+
+    In a loader worker the batch is stacked straight into shared memory (as torch's default collate does), so that
+    sending it to the main process copies nothing more.
+    """
     images, *columns = zip(*batch)
-    return torch.stack(images), *(list(column) for column in columns)
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        storage = images[0]._typed_storage()._new_shared(sum(x.numel() for x in images), device=images[0].device)
+        out = images[0].new(storage).resize_(len(images), *images[0].shape)
+    return torch.stack(images, out=out), *(list(column) for column in columns)
 
 
 def expand_shards(pattern: str) -> list[str]:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
@@ -45,6 +46,8 @@ class PixelTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         for step in self.steps:
             image = step(image)
+        if image.mode == "L":  # RGB repeats the grey value: a (3, H, W) view, made one array by the batch's stack
+            return torch.from_numpy(np.array(image)).expand(3, -1, -1)
         if image.mode != "RGB":
             image = image.convert("RGB")
         return transforms.functional.pil_to_tensor(image)
@@ -65,9 +68,15 @@ def pixel_transform(preprocess) -> PixelTransform | None:
         return None
     if type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
         return None
-    if any(getattr(step, "__name__", type(step).__name__) not in PIXEL_STEPS for step in steps[:-2]):
+    if any(_name(step) not in PIXEL_STEPS for step in steps[:-2]):
         return None  # a step this module does not know might not treat a greyscale image like its RGB copy
-    return PixelTransform(steps[:-2], steps[-1].mean, steps[-1].std)
+    # The conversions to RGB are left to PixelTransform's end, which makes every image RGB, greyscale the cheap way.
+    steps = [s for s in steps[:-2] if not (_name(s) == "_convert_to_rgb" or getattr(s, "mode", None) == "RGB")]
+    return PixelTransform(steps, preprocess.transforms[-1].mean, preprocess.transforms[-1].std)
+
+
+def _name(step) -> str:
+    return getattr(step, "__name__", type(step).__name__)
 
 
 def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:

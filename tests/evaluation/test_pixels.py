@@ -54,6 +54,8 @@ def test_pixels_normalised_per_batch_are_the_float_transforms_bits(tmp_path, siz
     assert pixels is not None and pixels.keeps_grey
     files = write_images(tmp_path / "images")
     assert Image.open(files[0]).mode == "L" and load_image(files[0]).mode == "L"  # resized as greyscale
+    assert [type(s).__name__ for s in pixels.steps] == ["Resize", "CenterCrop"]  # made RGB at the very end
+    assert pixels(load_image(files[0])).stride(0) == 0  # the grey plane shared by the three channels until stacked
     theirs = torch.stack([preprocess(pil_loader(str(f))) for f in files])
     batch = torch.stack([pixels(load_image(f)) for f in files])
     assert batch.dtype == torch.uint8 and batch.shape == (len(files), 3, size, size)
