@@ -1,16 +1,30 @@
-"""Evaluator benchmark: zero-shot throughput of the tiny model, and chunked retrieval time and memory.
+"""Evaluator benchmark: ``medclip-eval suite``'s zero-shot images/s against the image forward alone; retrieval.
 
-``python -m bench eval [--sizes 10000 100000] [--dim 512] [--images 512] [--batch-size 64] [--chunk-size N]``
+``python -m bench eval [--preset bench_cpu_vit_tiny_bert_mini|tiny] [--images 512] [--batch-size 64] [--workers N]
+[--sizes 10000 100000] [--dim 512] [--chunk-size N]``
 
-Zero-shot: a generated image folder (4 classes of random PNGs) through ``evaluate_zeroshot`` end to end (decode,
-preprocess, encode, classify) and the image tower's forward alone, at batch 64. Retrieval: ``retrieval_metrics``
-both ways on N random L2-normalised embeddings per side; memory is the peak RSS above the RSS after the embeddings
-exist (torch allocations are invisible to tracemalloc), next to the size the full N x N float32 matrix would have.
+Zero-shot: the suite itself (``medclip_train.evaluation.cli.main``, what the ``medclip-eval`` console script runs) on
+a project checkpoint of ``--preset`` (seeded, untrained; default the CPU benchmark model of ``bench train``, vit_tiny
+at 224 px, with a WordPiece tokenizer trained here) over a catalog of one class-folder dataset with the zero-shot task
+only, a fresh feature cache, and the suite's default loader workers (the available cores) unless ``--workers``.
+A first suite run on one batch warms imports, threads and kernels up. The images are files as medical sets hold them,
+with smooth structure that compresses like real scans (not incompressible noise), in turn: greyscale PNG 512 px
+(radiograph-like: body outline, ribs, film grain), greyscale JPEG 384 x 448 (ultrasound-like: speckled cone), RGB
+JPEG 256-512 px (histology-like stained nuclei), RGB PNG 320 px (dermoscopy-like lesion on skin). Reported, as
+images/s: the whole command (model load, prompts, encoding, metrics with the 1000-resample bootstrap, report), its
+image-encoding stage (the suite's ``Encoder`` pass: read, decode and resize in the loader workers, normalise,
+forward), and the model's image forward alone on the same batches (the same files through the eval transform,
+decoded beforehand, same process and threads), with each ratio to the forward.
+Retrieval: ``retrieval_metrics`` both ways on N random L2-normalised embeddings per side; memory is the peak RSS
+above the RSS after the embeddings exist (torch allocations are invisible to tracemalloc), next to the size the full
+N x N float32 matrix would have.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -20,74 +34,186 @@ from pathlib import Path
 from bench.common import PeakRSS, machine_info, markdown_table, write_result
 from data_prep.tokenizer import train_wordpiece
 
+DEFAULT_PRESET = "bench_cpu_vit_tiny_bert_mini"
+CLASSES = {
+    "xray": "a chest radiograph",
+    "ultrasound": "a breast ultrasound image",
+    "histology": "an H&E stained histology slide",
+    "dermoscopy": "a dermoscopy image of a skin lesion",
+}
+TEMPLATES = ["a photo of {c}.", "{c}", "a medical image: {c}."]
 SENTENCES = [
     "a chest x-ray showing pneumonia",
     "an MRI of the brain",
     "a CT scan of the abdomen",
     "histopathology image of lymph node tissue",
-    "a photo of a red green blue class",
+    *(t.replace("{c}", c) for c in CLASSES.values() for t in TEMPLATES),
 ]
 
 
-def build_tiny(workdir: Path):
-    import open_clip
-    import torch
+def save_checkpoint(workdir: Path, preset: str) -> Path:
+    """A project checkpoint of ``preset`` (seeded, untrained) with a tokenizer trained here: what the suite loads."""
+    import lightning as L
 
     from medclip_train.config import ModelConfig
-    from medclip_train.model.factory import build_model
+    from medclip_train.module import CLIPModule
 
     train_wordpiece(SENTENCES, workdir / "tokenizer", vocab_size=300)
-    torch.manual_seed(0)
-    built = build_model(ModelConfig(preset="tiny", tokenizer=str(workdir / "tokenizer")))
-    preprocess = open_clip.transform.image_transform_v2(
-        open_clip.transform.PreprocessCfg(**built.preprocess_cfg), is_train=False
-    )
-    return built.model.eval(), built.tokenizer, preprocess
+    L.seed_everything(0, verbose=False)
+    module = CLIPModule(ModelConfig(preset=preset, tokenizer=str(workdir / "tokenizer")))
+    trainer = L.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(module)
+    trainer.strategy._lightning_module = module
+    path = workdir / f"{preset}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
 
 
-def write_image_folder(root: Path, n: int, size: int = 224) -> Path:
+def medical_image(kind: str, rng):
+    """One synthetic scan of ``kind`` (a key of CLASSES) as a PIL image and its file format."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageFilter
+
+    def blur(a, radius):
+        return np.asarray(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius)))
+
+    if kind == "xray":
+        h = w = 512
+        yy, xx = np.mgrid[:h, :w] / h
+        body = np.exp(-((((xx - 0.5) / 0.38) ** 2 + ((yy - 0.55) / 0.5) ** 4) ** 2))
+        lungs = sum(np.exp(-(((xx - cx) / 0.13) ** 2 + ((yy - 0.5) / 0.28) ** 2)) for cx in (0.33, 0.67))
+        ribs = 0.5 + 0.5 * np.sin(2 * np.pi * (yy * 9 + 0.8 * np.abs(xx - 0.5) + rng.random()))
+        a = 40 + 170 * body - 90 * lungs * (0.6 + 0.4 * ribs) + rng.normal(0, 6, (h, w))
+        return Image.fromarray(blur(a, 1.2)), "PNG"
+    if kind == "ultrasound":
+        h, w = 384, 448
+        yy, xx = np.mgrid[:h, :w]
+        angle, radius = np.arctan2(xx - w / 2, yy + 20), np.hypot(xx - w / 2, yy + 20)
+        cone = (np.abs(angle) < 0.6) & (radius < h)
+        speckle = blur(rng.gamma(2.0, 45, (h, w)), 1.5)
+        lesion = np.exp(-(((xx - w * rng.uniform(0.4, 0.6)) / 40) ** 2 + ((yy - h * 0.55) / 30) ** 2))
+        return Image.fromarray(blur(cone * speckle * (1 - 0.8 * lesion), 0.8)), "JPEG"
+    if kind == "histology":
+        from PIL import ImageDraw
+
+        side = int(rng.choice([256, 384, 512]))
+        image = Image.new("RGB", (side, side), (235, 200, 220))
+        draw = ImageDraw.Draw(image)
+        for cy, cx, r in zip(rng.uniform(0, side, 80), rng.uniform(0, side, 80), rng.uniform(3, 9, 80)):
+            shade = tuple(int(v) for v in rng.integers(60, 140, 3) * np.array([1.0, 0.5, 1.3]))
+            draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=shade)
+        a = np.asarray(image.filter(ImageFilter.GaussianBlur(2)), dtype=np.float64) + rng.normal(0, 5, (side, side, 3))
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)), "JPEG"
+    side = 320
+    yy, xx = np.mgrid[:side, :side] / side
+    lesion = np.exp(-((((xx - 0.5) / rng.uniform(0.15, 0.3)) ** 2 + ((yy - 0.5) / 0.2) ** 2) ** 1.5))[..., None]
+    skin, spot = np.array([225, 175, 150]), np.array([110, 60, 40])
+    a = skin * (1 - lesion) + spot * lesion + rng.normal(0, 4, (side, side, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.5)), "PNG"
+
+
+def write_image_folder(root: Path, n: int) -> Path:
+    import numpy as np
 
     rng = np.random.default_rng(0)
-    classes = ["xray", "ct", "mri", "histology"]
+    kinds = list(CLASSES)
     for i in range(n):
-        folder = root / classes[i % len(classes)]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
-    prompts = {"classnames": {c: c for c in classes}, "templates": ["a photo of {c}.", "an image of a {c}."]}
-    (root / "prompts.json").write_text(json.dumps(prompts))
+        kind = kinds[i % len(kinds)]
+        image, fmt = medical_image(kind, rng)
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        image.save(
+            root / kind / f"{i:05d}.{'png' if fmt == 'PNG' else 'jpg'}", **({"quality": 90} if fmt == "JPEG" else {})
+        )
+    (root / "prompts.json").write_text(json.dumps({"classnames": CLASSES, "templates": TEMPLATES}))
     return root
 
 
-def bench_zeroshot(n_images: int, batch_size: int, workers: int) -> dict:
+def run_suite(checkpoint: Path, catalog: Path, data_root: Path, out: Path, extra: list[str]) -> float:
+    from medclip_train.evaluation import cli
+
+    args = ["suite", "--models", checkpoint, "--catalog", catalog, "--data-root", data_root, "--output", out]
+    with contextlib.redirect_stdout(io.StringIO()):
+        t = time.perf_counter()
+        code = cli.main([str(a) for a in [*args, "--device", "cpu", "--no-progress", *extra]])
+        seconds = time.perf_counter() - t
+    if code != 0:
+        raise SystemExit(f"bench eval: medclip-eval suite exited with {code}")
+    return seconds
+
+
+@contextlib.contextmanager
+def encoding_clock():
+    """Adds up the seconds the suite's Encoder spends encoding images (cache misses), without changing what it does."""
+    from medclip_train.evaluation.features import Encoder
+
+    spent, original = [], Encoder._encode_images
+
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t)
+
+    Encoder._encode_images = timed
+    try:
+        yield spent
+    finally:
+        Encoder._encode_images = original
+
+
+def forward_only(checkpoint: Path, folder: Path, batch_size: int) -> float:
+    """Seconds of the image tower's forward over the suite's images, batched as the suite batches them."""
     import torch
 
-    from medclip_train.evaluation.datasets import open_classification
-    from medclip_train.evaluation.features import Encoder
-    from medclip_train.evaluation.zeroshot import evaluate_zeroshot
+    from medclip_train.evaluation.datasets import ImageFolderSource
+    from medclip_train.evaluation.model_source import load_for_eval
+
+    loaded = load_for_eval(str(checkpoint), None, "cpu", False)
+    model = loaded.model.eval()
+    dataset = ImageFolderSource(folder).torch_dataset(loaded.preprocess)
+    images = [dataset[i][0] for i in range(len(dataset))]
+    batches = [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    with torch.no_grad():
+        model.encode_image(batches[0], normalize=True)  # warm-up
+        t = time.perf_counter()
+        for batch in batches:
+            model.encode_image(batch, normalize=True)
+        return time.perf_counter() - t
+
+
+def bench_zeroshot(preset: str, n_images: int, batch_size: int, workers: int | None) -> dict:
+    import yaml
+
+    from medclip_train.evaluation.distributed import default_workers
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer, preprocess = build_tiny(Path(tmp))
-        data = open_classification(write_image_folder(Path(tmp) / "task", n_images))
-        encoder = Encoder(model, tokenizer, preprocess, batch_size=batch_size, workers=workers)
-        evaluate_zeroshot(encoder, data, max_samples=batch_size)  # warm-up: thread pool, kernels
+        tmp = Path(tmp)
+        checkpoint = save_checkpoint(tmp, preset)
         t = time.perf_counter()
-        result = evaluate_zeroshot(encoder, data)
-        end_to_end = time.perf_counter() - t
-        images = torch.randn(batch_size, 3, 160, 160)
-        with torch.no_grad():
-            model.encode_image(images, normalize=True)
-            t, reps = time.perf_counter(), 5
-            for _ in range(reps):
-                model.encode_image(images, normalize=True)
-            forward = (time.perf_counter() - t) / reps
+        write_image_folder(tmp / "data" / "scans", n_images)
+        print(f"[bench] {n_images} images written in {time.perf_counter() - t:.0f} s", flush=True)
+        catalog = tmp / "catalog.yaml"
+        entry = {"name": "scans", "layout": "imagefolder", "path": "scans", "tasks": ["zeroshot"], "modality": "mixed"}
+        catalog.write_text(yaml.safe_dump({"datasets": [entry]}))
+        extra = ["--batch-size", str(batch_size)] + ([] if workers is None else ["--workers", str(workers)])
+        run_suite(checkpoint, catalog, tmp / "data", tmp / "warmup", [*extra, "--max-samples", str(batch_size)])
+        with encoding_clock() as encoding:
+            whole = run_suite(checkpoint, catalog, tmp / "data", tmp / "suite", extra)
+        result = json.loads((tmp / "suite" / "results.json").read_text())["results"][checkpoint.stem]["scans"]
+        forward = forward_only(checkpoint, tmp / "data" / "scans", batch_size)
+    n = result["zeroshot"]["n"]
     return {
-        "images": result["n"],
+        "preset": preset,
+        "images": n,
         "batch_size": batch_size,
-        "workers": workers,
-        "end_to_end_images_per_s": round(result["n"] / end_to_end, 1),
-        "forward_images_per_s": round(batch_size / forward, 1),
+        "workers": default_workers() if workers is None else workers,
+        "suite_seconds": round(whole, 2),
+        "suite_images_per_s": round(n / whole, 1),
+        "encoding_images_per_s": round(n / sum(encoding), 1),
+        "forward_images_per_s": round(n / forward, 1),
+        "suite_vs_forward": round(forward / whole, 3),
+        "encoding_vs_forward": round(forward / sum(encoding), 3),
     }
 
 
@@ -123,18 +249,19 @@ def bench_retrieval(n: int, dim: int, chunk_size: int | None) -> dict:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help="model preset (default: %(default)s; or tiny)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000], help="retrieval N (none: skip)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk-size", type=int, help="queries per chunk (default: the evaluator's 128 MiB budget)")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, help="loader workers (default: the suite's, the available cores)")
     args = parser.parse_args(argv)
 
     import torch
 
     result = {"machine": machine_info(), "torch_threads": torch.get_num_threads(), "command": "python -m bench eval"}
-    result["zeroshot"] = bench_zeroshot(args.images, args.batch_size, args.workers)
+    result["zeroshot"] = bench_zeroshot(args.preset, args.images, args.batch_size, args.workers)
     result["retrieval"] = []
     for n in args.sizes:
         result["retrieval"].append(bench_retrieval(n, args.dim, args.chunk_size))
@@ -144,45 +271,59 @@ def main(argv: list[str]) -> None:
     z = result["zeroshot"]
     print(
         markdown_table(
-            ["zero-shot (tiny, 160 px)", "images", "batch", "workers", "end-to-end img/s", "forward img/s"],
+            [
+                f"zero-shot ({z['preset']})",
+                "images",
+                "batch",
+                "workers",
+                "suite img/s",
+                "encoding img/s",
+                "forward img/s",
+                "suite / forward",
+                "encoding / forward",
+            ],
             [
                 [
-                    "evaluate_zeroshot",
+                    "medclip-eval suite",
                     z["images"],
                     z["batch_size"],
                     z["workers"],
-                    z["end_to_end_images_per_s"],
+                    z["suite_images_per_s"],
+                    z["encoding_images_per_s"],
                     z["forward_images_per_s"],
+                    f"{100 * z['suite_vs_forward']:.0f}%",
+                    f"{100 * z['encoding_vs_forward']:.0f}%",
                 ]
             ],
         )
     )
-    print()
-    print(
-        markdown_table(
-            [
-                "retrieval N (x N)",
-                "dim",
-                "chunk",
-                "time s (both ways)",
-                "queries/s",
-                "peak RSS +MiB",
-                "chunk scores MiB",
-                "full matrix MiB",
-            ],
-            [
+    if result["retrieval"]:
+        print()
+        print(
+            markdown_table(
                 [
-                    r["n"],
-                    r["dim"],
-                    r["chunk_size"],
-                    r["seconds"],
-                    r["queries_per_s"],
-                    r["peak_rss_delta_mib"],
-                    r["chunk_scores_mib"],
-                    r["full_matrix_mib"],
-                ]
-                for r in result["retrieval"]
-            ],
+                    "retrieval N (x N)",
+                    "dim",
+                    "chunk",
+                    "time s (both ways)",
+                    "queries/s",
+                    "peak RSS +MiB",
+                    "chunk scores MiB",
+                    "full matrix MiB",
+                ],
+                [
+                    [
+                        r["n"],
+                        r["dim"],
+                        r["chunk_size"],
+                        r["seconds"],
+                        r["queries_per_s"],
+                        r["peak_rss_delta_mib"],
+                        r["chunk_scores_mib"],
+                        r["full_matrix_mib"],
+                    ]
+                    for r in result["retrieval"]
+                ],
+            )
         )
-    )
     print(f"\nmachine: {result['machine']}; torch threads {result['torch_threads']}; written {path}")
