@@ -14,7 +14,8 @@ JPEG 256-512 px (histology-like stained nuclei), RGB PNG 320 px (dermoscopy-like
 images/s: the whole command (model load, prompts, encoding, metrics with the 1000-resample bootstrap, report), its
 image-encoding stage (the suite's ``Encoder`` pass: read, decode and resize in the loader workers, normalise,
 forward), and the model's image forward alone on the same batches (the same files through the eval transform,
-decoded beforehand, same process and threads), with each ratio to the forward.
+decoded beforehand, same process and threads; timed just before and just after the suite, averaged), with each
+ratio to the forward; and the CPU ms per image of the encoding stage (loader workers included) and of the forward.
 Retrieval: ``retrieval_metrics`` both ways on N random L2-normalised embeddings per side; memory is the peak RSS
 above the RSS after the embeddings exist (torch allocations are invisible to tracemalloc), next to the size the full
 N x N float32 matrix would have.
@@ -141,19 +142,29 @@ def run_suite(checkpoint: Path, catalog: Path, data_root: Path, out: Path, extra
     return seconds
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the loader workers, joined when their loader is done)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 @contextlib.contextmanager
 def encoding_clock():
-    """Adds up the seconds the suite's Encoder spends encoding images (cache misses), without changing what it does."""
+    """Adds up the wall and CPU seconds the suite's Encoder spends encoding images (cache misses), without changing
+    what it does."""
     from medclip_train.evaluation.features import Encoder
 
-    spent, original = [], Encoder._encode_images
+    spent, original = {"wall": 0.0, "cpu": 0.0}, Encoder._encode_images
 
     def timed(self, *args, **kwargs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         try:
             return original(self, *args, **kwargs)
         finally:
-            spent.append(time.perf_counter() - t)
+            spent["wall"] += time.perf_counter() - t
+            spent["cpu"] += cpu_seconds() - c
 
     Encoder._encode_images = timed
     try:
@@ -162,24 +173,32 @@ def encoding_clock():
         Encoder._encode_images = original
 
 
-def forward_only(checkpoint: Path, folder: Path, batch_size: int) -> float:
-    """Seconds of the image tower's forward over the suite's images, batched as the suite batches them."""
-    import torch
+class ForwardOnly:
+    """The image tower's forward alone over the suite's images, batched as the suite batches them: the same files
+    through the model's eval transform, decoded beforehand, in this process with its threads."""
 
-    from medclip_train.evaluation.datasets import ImageFolderSource
-    from medclip_train.evaluation.model_source import load_for_eval
+    def __init__(self, checkpoint: Path, folder: Path, batch_size: int):
+        import torch
 
-    loaded = load_for_eval(str(checkpoint), None, "cpu", False)
-    model = loaded.model.eval()
-    dataset = ImageFolderSource(folder).torch_dataset(loaded.preprocess)
-    images = [dataset[i][0] for i in range(len(dataset))]
-    batches = [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    with torch.no_grad():
-        model.encode_image(batches[0], normalize=True)  # warm-up
-        t = time.perf_counter()
-        for batch in batches:
-            model.encode_image(batch, normalize=True)
-        return time.perf_counter() - t
+        from medclip_train.evaluation.datasets import ImageFolderSource
+        from medclip_train.evaluation.model_source import load_for_eval
+
+        loaded = load_for_eval(str(checkpoint), None, "cpu", False)
+        self.model = loaded.model.eval()
+        dataset = ImageFolderSource(folder).torch_dataset(loaded.preprocess)
+        images = [dataset[i][0] for i in range(len(dataset))]
+        self.batches = [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        self()  # warm-up
+
+    def __call__(self) -> tuple[float, float]:
+        """(wall, CPU) seconds of one pass."""
+        import torch
+
+        with torch.no_grad():
+            t, c = time.perf_counter(), cpu_seconds()
+            for batch in self.batches:
+                self.model.encode_image(batch, normalize=True)
+            return time.perf_counter() - t, cpu_seconds() - c
 
 
 def bench_zeroshot(preset: str, n_images: int, batch_size: int, workers: int | None) -> dict:
@@ -198,11 +217,15 @@ def bench_zeroshot(preset: str, n_images: int, batch_size: int, workers: int | N
         catalog.write_text(yaml.safe_dump({"datasets": [entry]}))
         extra = ["--batch-size", str(batch_size)] + ([] if workers is None else ["--workers", str(workers)])
         run_suite(checkpoint, catalog, tmp / "data", tmp / "warmup", [*extra, "--max-samples", str(batch_size)])
+        forward = ForwardOnly(checkpoint, tmp / "data" / "scans", batch_size)
+        # Forward timed just before and just after the suite, averaged: a load that changes meanwhile moves both.
+        before = forward()
         with encoding_clock() as encoding:
             whole = run_suite(checkpoint, catalog, tmp / "data", tmp / "suite", extra)
+        after = forward()
         result = json.loads((tmp / "suite" / "results.json").read_text())["results"][checkpoint.stem]["scans"]
-        forward = forward_only(checkpoint, tmp / "data" / "scans", batch_size)
     n = result["zeroshot"]["n"]
+    forward_wall, forward_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     return {
         "preset": preset,
         "images": n,
@@ -210,10 +233,15 @@ def bench_zeroshot(preset: str, n_images: int, batch_size: int, workers: int | N
         "workers": default_workers() if workers is None else workers,
         "suite_seconds": round(whole, 2),
         "suite_images_per_s": round(n / whole, 1),
-        "encoding_images_per_s": round(n / sum(encoding), 1),
-        "forward_images_per_s": round(n / forward, 1),
-        "suite_vs_forward": round(forward / whole, 3),
-        "encoding_vs_forward": round(forward / sum(encoding), 3),
+        "encoding_images_per_s": round(n / encoding["wall"], 1),
+        "forward_images_per_s": round(n / forward_wall, 1),
+        "forward_images_per_s_before_after": [round(n / before[0], 1), round(n / after[0], 1)],
+        "suite_vs_forward": round(forward_wall / whole, 3),
+        "encoding_vs_forward": round(forward_wall / encoding["wall"], 3),
+        # CPU ms per image (all threads and loader workers): what the decoding adds to the forward's work, which a
+        # loaded machine does not hide the way it skews wall-clock ratios.
+        "encoding_cpu_ms_per_image": round(1000 * encoding["cpu"] / n, 2),
+        "forward_cpu_ms_per_image": round(1000 * forward_cpu / n, 2),
     }
 
 
@@ -281,6 +309,7 @@ def main(argv: list[str]) -> None:
                 "forward img/s",
                 "suite / forward",
                 "encoding / forward",
+                "CPU ms/img encoding / forward",
             ],
             [
                 [
@@ -293,6 +322,7 @@ def main(argv: list[str]) -> None:
                     z["forward_images_per_s"],
                     f"{100 * z['suite_vs_forward']:.0f}%",
                     f"{100 * z['encoding_vs_forward']:.0f}%",
+                    f"{z['encoding_cpu_ms_per_image']} / {z['forward_cpu_ms_per_image']}",
                 ]
             ],
         )
