@@ -10,7 +10,14 @@ on random inputs, once per variant, each in a fresh process, variants alternatin
 * ``channels-last``: model and images in channels-last memory format;
 * ``compile``: ``torch.compile`` (inductor, default mode) of the model's forward;
 * ``backward-under-autocast``: ``loss.backward()`` inside the autocast block (what Lightning's precision context
-  did to the module's manual backward before ``CLIPModule._backward`` switched autocast off for it).
+  did to the module's manual backward before ``CLIPModule._backward`` switched autocast off for it);
+* ``pure-bf16``: parameters, gradients, AdamW moments and activations in bf16, no autocast (``train.py fit
+  --trainer.precision bf16-true``; open_clip's ``--precision pure_bf16``): no casts, half the optimizer traffic;
+* ``compile-towers``: ``torch.compile`` of the image and the text tower separately (the loss stays eager);
+* ``compile-loss``: ``torch.compile`` of the contrastive loss only;
+* ``text-dropout-0``: the text tower with ``hidden_dropout_prob`` and ``attention_probs_dropout_prob`` 0 (the bench
+  model's BERT, like PubMedBERT, has 0.1; users choose it with ``--model.clip.text_model FOLDER`` whose
+  ``config.json`` says 0; timm's ViT has no dropout by default). Not the reference's numerics.
 
 It isolates the compute from the data pipeline: the gap between this rate and ``python -m bench train``'s is what
 the loader worker and Lightning cost.
@@ -34,7 +41,18 @@ from bench.common import (
     write_result,
 )
 
-VARIANTS = ("default", "sdpa", "foreach-adamw", "channels-last", "compile", "backward-under-autocast")
+VARIANTS = (
+    "default",
+    "sdpa",
+    "foreach-adamw",
+    "channels-last",
+    "compile",
+    "backward-under-autocast",
+    "pure-bf16",
+    "compile-towers",
+    "compile-loss",
+    "text-dropout-0",
+)
 PRESET, BATCH, TEXT_LENGTH = "bench_cpu_vit_tiny_bert_mini", 32, 75
 
 
@@ -46,20 +64,26 @@ def child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
     from medclip_train.model.factory import build_model, set_fused_attention
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(preset=PRESET, tokenizer=tokenizer)).model.train()
+    text_model = _no_dropout_text_config() if variant == "text-dropout-0" else None
+    model = build_model(ModelConfig(preset=PRESET, tokenizer=tokenizer, text_model=text_model)).model.train()
     set_fused_attention(model, variant == "sdpa")
     images = torch.randn(BATCH, 3, 224, 224)
     text = torch.randint(5, 500, (BATCH, TEXT_LENGTH))
     if variant == "channels-last":
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
+    pure = variant == "pure-bf16"
+    if pure:  # what Lightning's bf16-true does to the module and its float inputs
+        model, images = model.to(torch.bfloat16), images.to(torch.bfloat16)
     adamw = {"foreach": True} if variant == "foreach-adamw" else {"fused": True}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw)
+    if variant == "compile-towers":
+        model.visual, model.text = torch.compile(model.visual), torch.compile(model.text)
     forward = torch.compile(model) if variant == "compile" else model
-    loss_fn = ContrastiveLoss()
+    loss_fn = torch.compile(ContrastiveLoss()) if variant == "compile-loss" else ContrastiveLoss()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not pure):
             f = forward(images, text)
             loss = loss_fn(f)["loss"]
             if variant == "backward-under-autocast":
@@ -81,6 +105,21 @@ def child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
         times.append(time.perf_counter() - t)
     times.sort()
     return {"median_step_s": times[len(times) // 2], "warmup_s": first, "samples_per_s": BATCH / times[len(times) // 2]}
+
+
+def _no_dropout_text_config() -> str:
+    """A copy of the preset's text tower config with both BERT dropouts at 0 (a folder for ``text_model``)."""
+    import tempfile
+    from pathlib import Path
+
+    from medclip_train.presets import get_preset, resolve_hf_name
+
+    source = Path(resolve_hf_name(get_preset(PRESET)["model_cfg"]["text_cfg"]["hf_model_name"]))
+    config = json.loads((source / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    folder = Path(tempfile.mkdtemp(prefix="bench_text_dropout0_"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return str(folder)
 
 
 def main(argv: list[str]) -> None:
