@@ -357,8 +357,12 @@ class _SampleReader:
             yield self._collate(items)
 
     def _collate(self, items: list[tuple]) -> dict:
-        images = torch.stack([it[0] for it in items])
-        text = self.s.tokenizer([it[1] for it in items])
+        # Both are what torch.stack and self.s.tokenizer(captions) return, with less per-sample Python (see them).
+        from medclip_train.data.decode import tokenize
+        from medclip_train.data.pixels import stack_pixels
+
+        images = stack_pixels([it[0] for it in items])
+        text = tokenize(self.s.tokenizer, [it[1] for it in items])
         # A caption whose ids reach the last position of the padded context was cut (or fits it exactly).
         at_context = int((text[:, -1] != self.s.pad_token_id).sum())
         if self.s.trim_padding:

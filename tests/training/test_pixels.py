@@ -57,3 +57,61 @@ def test_loader_batches_normalise_to_open_clip_float_pipeline(tmp_path, tokenize
     expected = torch.stack([reference(decode_image(jpgs[key], 32)) for key in batch["key"]])
     got = normalize_pixels(batch["image"], PREPROCESS["mean"], PREPROCESS["std"])
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_fast_random_resized_crop_gives_torchvision_pixels_and_crop_bounds():
+    """RandomResizedCropPIL: for its drawn parameters the pixels are torchvision's ``F.resized_crop`` of them, and
+    every crop keeps RandomResizedCrop's area and aspect bounds; pixels_transform puts it in place of the original."""
+    from open_clip.transform import AugmentationCfg
+    from torchvision.transforms import RandomResizedCrop
+    from torchvision.transforms import functional as F
+
+    from medclip_train.data.pixels import RandomResizedCropPIL
+
+    cfg = PreprocessCfg(size=64, interpolation="bicubic", resize_mode="shortest")
+    train = pixels_transform(image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(scale=(0.5, 1.0))))
+    crop = train.transforms[0]
+    assert isinstance(crop, RandomResizedCropPIL) and crop.scale == (0.5, 1.0) and crop.size == (64, 64)
+
+    reference = RandomResizedCrop(64, scale=(0.5, 1.0), interpolation=F.InterpolationMode.BICUBIC)
+    image = Image.fromarray(torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8).numpy())
+    torch.manual_seed(0)
+    for _ in range(50):
+        state = torch.get_rng_state()
+        top, left, h, w = crop.get_params(*image.size)
+        assert 0.5 * 90 * 120 * 0.9 <= h * w <= 90 * 120 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+        assert 0 <= top <= 90 - h and 0 <= left <= 120 - w
+        torch.set_rng_state(state)  # the same draw again, through forward
+        expected = F.resized_crop(image, top, left, h, w, [64, 64], reference.interpolation)
+        assert crop(image).tobytes() == expected.tobytes()
+    # An image no crop of the ratio range fits into (a thin strip) gets torchvision's central fallback crop.
+    strip = Image.new("RGB", (200, 4))
+    assert crop.get_params(*strip.size) == reference.get_params(strip, list(reference.scale), list(reference.ratio))
+
+
+def test_stack_pixels_equals_torch_stack_in_and_out_of_a_worker():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from medclip_train.data.pixels import stack_pixels
+
+    images = [torch.randint(0, 256, (20, 30, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(5)]
+    assert torch.equal(stack_pixels(images), torch.stack(images))
+
+    class Batches(IterableDataset):
+        def __iter__(self):
+            yield {"stacked": stack_pixels(images), "expected": torch.stack(images)}
+
+    batch = next(iter(DataLoader(Batches(), batch_size=None, num_workers=1)))
+    assert torch.equal(batch["stacked"], batch["expected"]) and batch["stacked"].is_contiguous()
+
+
+@pytest.mark.parametrize("strip_sep", [False, True])
+def test_tokenize_gives_open_clips_ids(tokenizer, strip_sep):  # noqa: F811
+    """The batch tokenizer of the loader == open_clip's HFTokenizer, truncation and sep stripping included."""
+    from medclip_train.data.decode import tokenize
+
+    tokenizer.strip_sep_token = strip_sep
+    captions = ["A  chest x-ray\nshows a nodule.", "short", " ".join(["effusion"] * 200), "CT  scan; left lobe (3 mm)."]
+    expected = tokenizer(captions)
+    got = tokenize(tokenizer, captions)
+    assert got.dtype == expected.dtype == torch.int64 and torch.equal(got, expected)
