@@ -3,9 +3,11 @@
 ``python -m bench gpu`` (on a machine with a CUDA GPU) runs, alternately, ``train.py fit`` and open_clip_train
 (anchor python, see README.md) on the bench shards with ViT-B/16 at 224 px + a PubMedBERT-sized text tower
 (12 layers, 768 wide, context 256; architecture only, random init, so nothing is downloaded), embed 512,
-batch 256, bf16 autocast, the same number of loader workers. Reported per side: steady samples/s, MFU against the
-bf16 ``torch.mm`` rate measured on the same GPU in the same run, and peak GPU memory (``nvidia-smi``, the most
-memory in use on the card during the run, less what was in use before it).
+batch 256, bf16 autocast, the same number of loader workers; open_clip with its users' ``--local-loss
+--gather-with-grad`` and its default logging interval. Reported per side: the median-step samples/s after
+``--warmup`` steps, measured as ``bench train`` does (ours: host clock per step; theirs: open_clip's own per-step
+batch time), MFU against the bf16 ``torch.mm`` rate measured on the same GPU in the same run, and peak GPU memory
+(``nvidia-smi``, the most memory in use on the card during the run, less what was in use before it).
 
 ``--device cpu`` with a small ``--preset``/``--batch-size`` runs the same code path on a CPU (a smoke test of the
 command, not a measurement).
