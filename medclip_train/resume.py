@@ -4,9 +4,8 @@ A resumed run must train on what the interrupted one would have: the same model 
 the same epoch plan, from the same stream position. A setting that changed silently would give a model that no
 config describes (another tokenizer's ids on the same embeddings, another shard list under the same epoch
 counter), so a change is refused with the field named, unless the user lists it in ``--resume_allow_changed``.
-The stream position is stored in batches of ``data.batch_size`` on ``world_size`` ranks x ``num_workers``
-workers; in the middle of an exact epoch another layout cannot continue the epoch exactly (each worker's slice
-of the epoch depends on it), so that is refused whatever the override.
+The batch size, ranks, workers and shuffle buffer may change, also in the middle of an epoch: the data module
+continues the epoch over the new layout (elastic resume, medclip_train/data/datamodule.py).
 """
 
 from __future__ import annotations
@@ -17,13 +16,10 @@ import re
 
 import torch
 
-from medclip_train.data.position import finished_epoch_moved_on, mid_epoch_message
-
 # Fields of the model config that define what the weights mean (hyper_parameters["clip"] of the checkpoint).
 MODEL_FIELDS = ("preset", "tokenizer", "text_model", "context_length", "embed_dim", "image_pool")
 # Fields of the data config that define the epoch plan, as stored in the data module's state (its "layout").
 DATA_FIELDS = ("train", "epoch_mode", "seed", "samples_per_epoch")
-LAYOUT_FIELDS = ("batch_size", "num_workers")
 
 
 class ResumeMismatch(ValueError):
@@ -109,11 +105,6 @@ def check_resume(state: dict, model_clip, data, allowed: list[str]) -> list[str]
             now = _train_sources(data_now.get("train")) if field == "train" else data_now.get(field)
             if layout[field] != now:
                 changes.append((f"data.{field}", layout[field], now))
-        mid_epoch = finished_epoch_moved_on(state["data"]).get("batches_in_epoch", 0) > 0
-        if mid_epoch:
-            for field in LAYOUT_FIELDS:
-                if field in layout and field in data_now and layout[field] != data_now[field]:
-                    raise ResumeMismatch(mid_epoch_message(f"data.{field}", layout[field], data_now[field], state))
     kept = []
     for name, before, now in changes:
         if name not in allowed:

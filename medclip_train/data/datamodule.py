@@ -2,13 +2,16 @@
 
 Resume guarantee: the module's ``state_dict`` (saved in every Lightning checkpoint) holds the epoch, the position
 in it (batches of this rank, samples of this rank and of all ranks) and the layout that position is counted in
-(per-rank batch size, ranks, workers, shard list, epoch mode, seed). A resume with another layout in the middle of
-an epoch is refused (see medclip_train/resume.py): counted in batches of another size the position would skip or
-repeat samples without a word. Exact mode: a resumed run rebuilds the same epoch plan and each
-worker skips the raw samples it had already delivered (read, not decoded), so the rest of the epoch is exactly the
-batches not yet trained on, sample for sample (the DataLoader may interleave its workers' batches in another order).
-Resampled mode: the remaining batches of the virtual epoch are drawn with a new random stream (the restart count
-enters the seed), so the samples already trained on are not replayed in the same order.
+(per-rank batch size, ranks, workers, shuffle buffer, shard list, epoch mode, seed). Exact mode: a resumed run
+rebuilds the same epoch plan and each worker skips the raw samples it had already delivered (read, not decoded), so
+the rest of the epoch is exactly the batches not yet trained on, sample for sample (the DataLoader may interleave its
+workers' batches in another order). Elastic resume: a run resumed in the middle of an exact epoch on another number
+of ranks, workers, batch size or shuffle buffer ends the epoch's part in the old layout (an ``EpochPart``), replays
+its plan to find the samples it delivered, and plans what is left of the epoch over the new layout
+(data/plan.py: every sample of the epoch once in all, up to the padding each part's plan adds when its ranks do not
+divide what it reads). Resampled mode: the remaining batches of the virtual epoch are drawn with a new random stream
+(the restart count enters the seed), so the samples already trained on are not replayed in the same order; in
+another layout, the samples the virtual epoch still holds are drawn in the new one.
 
 One direction: the model decides the tokenizer and the image preprocessing, and whoever builds both (the CLI, a
 script, a test) hands them over once with :meth:`WebDataModule.connect`; the data module never calls the model. It
@@ -18,16 +21,23 @@ training batch and the end of each epoch, and ``state_dict`` / ``load_state_dict
 
 from __future__ import annotations
 
+import logging
+from dataclasses import asdict
+
 import lightning as L
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from torch.utils.data import DataLoader
 
 from medclip_train.data.labels import LabelVocab
 from medclip_train.data.pixels import pixels_transform
-from medclip_train.data.position import finished_epoch_moved_on, mid_epoch_message
+from medclip_train.data.plan import EpochPart
+from medclip_train.data.position import PLAN_VERSION, finished_epoch_moved_on, old_plan_message
 from medclip_train.data.sources import ShardSource, check_local_shards_exist, read_label_counts, shard_sizes
 from medclip_train.data.stream import ShardStream, StreamSpec
 from medclip_train.distributed import world_info
+
+log = logging.getLogger(__name__)
+SHUFFLE_INITIAL = StreamSpec.shuffle_initial
 
 
 class StreamLoader(DataLoader):
@@ -43,16 +53,25 @@ class StreamLoader(DataLoader):
     def __iter__(self):
         spec = self.dataset.spec
         if self._train:
+            parts = [EpochPart(**p) for p in self._state["parts"]]
             spec.epoch = self._state["epoch"]
-            spec.skip_batches = self._state["batches_in_epoch"]
+            spec.parts = parts
+            spec.skip_batches = self._state["batches_in_epoch"] - sum(p.batches for p in parts)
             spec.restarts = self._state["restarts"]
         spec.world = self.world or world_info()
+        self.dataset.remaining()  # computed here, once, and handed to every worker with the spec
         return super().__iter__()
 
     def __len__(self) -> int:
         # The whole epoch, also after a resume: Lightning restores its own count of the batches already done in
         # the epoch and ends the epoch when that count reaches len(); the remaining length would end it early.
-        return sum(self.dataset.batches_per_worker(self.world or world_info()))
+        # After an elastic resume that count holds the batches of the earlier parts, in their own layouts.
+        earlier = 0
+        if self._train:
+            self.dataset.spec.parts = [EpochPart(**p) for p in self._state["parts"]]
+            self.dataset.spec.epoch = self._state["epoch"]
+            earlier = sum(p.batches for p in self.dataset.spec.parts)
+        return earlier + sum(self.dataset.batches_per_worker(self.world or world_info()))
 
 
 class StreamPosition(L.Callback):
@@ -144,7 +163,9 @@ class WebDataModule(L.LightningDataModule):
         self.preprocess_cfg: dict | None = None
         self.vocab: LabelVocab | None = None
         self._train_loader: StreamLoader | None = None
-        self.stream_state = {"epoch": 0, "batches_in_epoch": 0, "samples_in_epoch": 0, "restarts": 0}
+        self.world: tuple[int, int] | None = None
+        """(rank, world size); default: from torch.distributed. Tests set it to play one rank of many."""
+        self.stream_state = _epoch_start({"epoch": 0, "restarts": 0})
         self._train_urls, self._train_sizes, self._source_of_shard = self._resolve_train()
 
     # ---- set-up --------------------------------------------------------------------------------------------------
@@ -233,6 +254,7 @@ class WebDataModule(L.LightningDataModule):
         if not self._train_urls:
             raise ValueError("data.train: no training shards configured")
         self._train_loader = self._loader(self._spec(self._train_urls, self._train_sizes, True, self.batch_size), True)
+        self._train_loader.world = self.world
         return self._train_loader
 
     def val_dataloader(self):
@@ -248,6 +270,8 @@ class WebDataModule(L.LightningDataModule):
     def on_train_batch_consumed(self, n_samples: int) -> None:
         self.stream_state["batches_in_epoch"] += 1
         self.stream_state["samples_in_epoch"] += n_samples
+        # Every rank runs batches of the same shape (see data/plan.py), so all ranks together took n x ranks.
+        self.stream_state["samples_in_epoch_all_ranks"] += n_samples * self._world()[1]
 
     def on_train_epoch_done(self) -> None:
         batches = self.stream_state["batches_in_epoch"]
@@ -261,32 +285,40 @@ class WebDataModule(L.LightningDataModule):
             # Lightning ends the epoch when the run stops (max_steps, SIGTERM) in its middle: the position stays,
             # so that a resume continues this epoch instead of skipping the rest of it.
             return
-        self._next_epoch()
+        self._move_to(_epoch_start({**self.stream_state, "epoch": self.stream_state["epoch"] + 1}))
 
-    def _next_epoch(self) -> None:
-        self.stream_state["epoch"] += 1
-        self.stream_state["batches_in_epoch"] = 0
-        self.stream_state["samples_in_epoch"] = 0
+    def _move_to(self, position: dict) -> None:
+        # In place: the train loader holds this very dict and reads the position from it each epoch.
+        self.stream_state.clear()
+        self.stream_state.update(position)
+
+    def _world(self) -> tuple[int, int]:
+        return self.world or world_info()
 
     def layout(self) -> dict:
         """What the stream position is counted in; a resume is checked against it (medclip_train/resume.py)."""
-        _, world_size = world_info()
         return {
             "train": [{"shards": s.shards, "weight": float(s.weight)} for s in self.sources],
             "epoch_mode": self.epoch_mode,
             "seed": self.seed,
             "samples_per_epoch": self.samples_per_epoch,
+            **self._part_layout(),
+        }
+
+    def _part_layout(self) -> dict:
+        """The settings an epoch's plan is cut by; a resume with others in the middle of an epoch starts a new part."""
+        return {
             "batch_size": self.batch_size,
             "num_workers": self.num_workers,
-            "world_size": world_size,
+            "world_size": self._world()[1],
+            "shuffle_buffer": self.shuffle_buffer,
+            "shuffle_initial": SHUFFLE_INITIAL,
         }
 
     def state_dict(self) -> dict:
-        state = dict(self.stream_state)
-        _, world_size = world_info()
-        # Every rank runs batches of the same shape (see data/plan.py), so the total is the rank's count x ranks.
-        state["samples_in_epoch_all_ranks"] = state["samples_in_epoch"] * world_size
+        state = {**self.stream_state, "parts": [dict(p) for p in self.stream_state["parts"]]}
         state["layout"] = self.layout()
+        state["plan"] = PLAN_VERSION
         # A checkpoint taken at an epoch's last step (before Lightning's epoch end) holds the whole epoch as consumed:
         # with the plan's length a resume sees the epoch as finished, not as a position inside it.
         state["batches_planned"] = len(self._train_loader) if self._train_loader is not None else None
@@ -296,17 +328,14 @@ class WebDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         state = finished_epoch_moved_on(state)
-        saved_world = (state.get("layout") or {}).get("world_size")
-        _, world_size = world_info()
-        if state.get("batches_in_epoch", 0) > 0 and saved_world not in (None, world_size):
-            raise ValueError(
-                mid_epoch_message(
-                    "world size (trainer.devices x trainer.num_nodes)", saved_world, world_size, {"data": state}
-                )
-            )
-        keys = ("epoch", "batches_in_epoch", "samples_in_epoch", "restarts")
-        self.stream_state.update({k: state[k] for k in keys if k in state})
-        self.stream_state["restarts"] += 1
+        position = _epoch_start({"epoch": state.get("epoch", 0), "restarts": state.get("restarts", 0) + 1})
+        if state.get("batches_in_epoch", 0) > 0:
+            if state.get("plan") != PLAN_VERSION:
+                raise ValueError(old_plan_message(state))
+            keys = ("batches_in_epoch", "samples_in_epoch", "samples_in_epoch_all_ranks", "parts")
+            position.update({k: state[k] for k in keys if k in state})
+            position["parts"] = self._parts_after_resume(state)
+        self._move_to(position)
         if "vocab" in state:
             saved = LabelVocab(tuple(state["vocab"]))
             if self.vocab is not None and self.vocab != saved:
@@ -315,6 +344,31 @@ class WebDataModule(L.LightningDataModule):
                     f"does not match the checkpoint's ({len(saved)} labels); resume with the same data and top-K"
                 )
             self.vocab = saved
+
+    def _parts_after_resume(self, state: dict) -> list[dict]:
+        """The epoch's parts: the checkpoint's, and one more ending at its position when this run's layout differs."""
+        parts = [dict(p) for p in state.get("parts", [])]
+        saved = state.get("layout") or {}
+        then = {k: saved[k] for k in self._part_layout()}
+        now = self._part_layout()
+        if then == now:
+            return parts
+        done = state["batches_in_epoch"] - sum(p["batches"] for p in parts)
+        parts.append(asdict(EpochPart(**then, batches=done)))
+        changed = ", ".join(f"{k} {then[k]} -> {now[k]}" for k in now if then[k] != now[k])
+        log.warning(
+            "data: epoch %d continues in another layout (%s) after %d batches per rank; the samples not yet trained "
+            "on are re-planned over this run's ranks and workers",
+            state.get("epoch", 0),
+            changed,
+            done,
+        )
+        return parts
+
+
+def _epoch_start(state: dict) -> dict:
+    """``state`` at the start of its epoch: nothing of it trained on yet."""
+    return {**state, "batches_in_epoch": 0, "samples_in_epoch": 0, "samples_in_epoch_all_ranks": 0, "parts": []}
 
 
 def _cuda() -> bool:

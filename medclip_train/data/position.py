@@ -1,5 +1,5 @@
 """The stream position a checkpoint holds (the data module's state): read across an epoch's end, and the refusal
-when a resume would count it in another layout.
+of a position counted in an older epoch plan.
 
 Shared by :class:`~medclip_train.data.datamodule.WebDataModule` (which restores it) and :mod:`medclip_train.resume`
 (which checks a resume before the model is built), so it lives in the data layer below both.
@@ -16,11 +16,15 @@ def finished_epoch_moved_on(state: dict) -> dict:
     return state
 
 
-def mid_epoch_message(name: str, before, now, state: dict) -> str:
-    data = state["data"]
+PLAN_VERSION = 2
+"""Version of the epoch plan a checkpoint's position is counted in. 2: the shuffle buffer has its own generator
+(data/plan.py order_rng), so the samples each worker delivered can be recomputed for an elastic resume."""
+
+
+def old_plan_message(state: dict) -> str:
     return (
-        f"{name}: the checkpoint stopped in the middle of epoch {data.get('epoch', 0)} "
-        f"({data.get('samples_in_epoch', '?')} samples trained on) with {name}={before!r}; this run has {now!r}, "
-        f"which cannot continue that epoch exactly (each worker's share of the epoch depends on it). Resume with "
-        f"{name}={before!r} and change it at an epoch boundary"
+        f"the checkpoint stopped in the middle of epoch {state.get('epoch', 0)} ({state.get('batches_in_epoch')} "
+        f"batches trained on) and was written by an older medclip-train whose shuffle order this version cannot "
+        f"replay, so it cannot tell which samples are left; finish that epoch with the version that wrote it, or "
+        f"resume from a checkpoint at an epoch's end"
     )

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
@@ -31,11 +32,15 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from medclip_train.data.decode import IMAGE_EXTS, TEXT_EXTS, SampleError, decode_image, decode_meta, decode_text, pick
 from medclip_train.data.labels import LabelVocab, sample_labels
 from medclip_train.data.plan import (
+    EpochPart,
     consumed_per_worker,
     exact_worker_batches,
     exact_worker_slices,
+    order_rng,
+    remaining_positions,
     resampled_worker_batches,
     shard_weights,
+    shuffle_buffer,
 )
 from medclip_train.data.sources import is_fsspec_url, redact
 
@@ -82,6 +87,9 @@ class StreamSpec:
     # Set by the DataLoader in the main process before workers start (see datamodule.StreamLoader).
     epoch: int = 0
     skip_batches: int = 0
+    """Batches of this rank already trained on in the current part of the epoch."""
+    parts: list[EpochPart] = field(default_factory=list)
+    """Earlier parts of the epoch, trained in other layouts (elastic resume, see data/plan.py)."""
     restarts: int = 0
     num_workers: int = 1
     world: tuple[int, int] = field(default_factory=lambda: (0, 1))
@@ -91,14 +99,34 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         super().__init__()
         self.spec = spec
+        self._remaining: tuple[tuple, np.ndarray | None] = ((), None)
+
+    def remaining(self) -> np.ndarray | None:
+        """Exact mode after parts of the epoch in other layouts: the positions of the samples they left (computed
+        once per epoch and parts, in the main process before the workers start, so each worker gets it); else None."""
+        s = self.spec
+        if s.mode != "exact" or not s.parts:
+            return None
+        key = (s.epoch, tuple(s.parts))
+        if self._remaining[0] != key:
+            left = remaining_positions(sum(s.sizes), s.parts, seed=s.seed, epoch=s.epoch, shuffle=s.shuffle)
+            self._remaining = (key, left)
+        return self._remaining[1]
 
     def batches_per_worker(self, world: tuple[int, int] | None = None) -> list[int]:
-        """Batches of each worker of one rank in an epoch, on ``world`` (rank, world size); default: the spec's."""
+        """Batches of each worker of one rank in the current part of the epoch, on ``world`` (rank, world size);
+        default: the spec's."""
         s = self.spec
         _, world_size = world or s.world
+        workers = max(s.num_workers, 1)
         if s.mode == "exact":
-            return exact_worker_batches(sum(s.sizes), world_size, s.batch_size, max(s.num_workers, 1))
-        return resampled_worker_batches(s.samples_per_epoch, world_size, s.batch_size, max(s.num_workers, 1))
+            left = self.remaining()
+            total = sum(s.sizes) if left is None else len(left)
+            return exact_worker_batches(total, world_size, s.batch_size, workers) if total else [0] * workers
+        samples = s.samples_per_epoch - sum(p.batches * p.batch_size * p.world_size for p in s.parts)
+        if s.parts and samples < world_size * s.batch_size:
+            return [0] * workers  # what earlier parts left of the virtual epoch is less than one global batch
+        return resampled_worker_batches(samples, world_size, s.batch_size, workers)
 
     def __len__(self) -> int:
         return sum(self.batches_per_worker())
@@ -125,6 +153,7 @@ class ShardStream(IterableDataset):
                 worker_id=worker_id,
                 num_workers=n_workers,
                 batch_size=s.batch_size,
+                remaining=self.remaining(),
             )
             raw = reader.exact_samples(slices)
         else:
@@ -147,10 +176,14 @@ class _SampleReader:
     def __init__(self, spec: StreamSpec, worker_id: int):
         self.s = spec
         rank, _ = spec.world
-        # Exact mode replays its epoch plan after a resume, so its shuffle must not depend on the restart count;
-        # resampled mode must draw a new stream after a resume, so there it does.
+        # Exact mode replays its epoch plan after a resume; resampled mode must draw a new stream after a resume, so
+        # there both generators depend on the restart count.
         restarts = spec.restarts if spec.mode == "resampled" else 0
         self.rng = random.Random(hash((spec.seed, spec.epoch, rank, worker_id, restarts)))
+        """Caption draws and resampled shard draws."""
+        part = spec.restarts if spec.mode == "resampled" else len(spec.parts)
+        self.order_rng = order_rng(spec.seed, spec.epoch, rank, worker_id, part)
+        """The shuffle buffer's own generator: its order must be recomputable from the plan (data/plan.py)."""
         self.worker_id = worker_id
         self.read = 0
         self.skipped = 0
@@ -233,17 +266,21 @@ class _SampleReader:
         return self._shuffle(self._exact_raw(slices))
 
     def _exact_raw(self, slices) -> Iterator[dict | None]:
-        for sl in slices:
-            got = 0
-            for pos, sample in enumerate(self._shard_samples(sl.url)):
-                if pos < sl.start:
-                    continue
-                if pos >= sl.stop:
+        """One item per planned sample, in plan order. Slices that follow each other in one shard (after an elastic
+        resume a worker's share has holes) are read in one pass of the shard instead of reopening it per slice."""
+        for url, runs in _passes(slices):
+            wanted = sum(stop - start for start, stop in runs)
+            got, k = 0, 0
+            for pos, sample in enumerate(self._shard_samples(url)):
+                while k < len(runs) and pos >= runs[k][1]:
+                    k += 1
+                if k == len(runs):
                     break
-                got += 1
-                yield sample
-            for _ in range(sl.stop - sl.start - got):  # truncated/corrupt shard: samples lost
-                self._note_error(sl.url, self.last_error.get(sl.url, "shard ended early"))
+                if pos >= runs[k][0]:
+                    got += 1
+                    yield sample
+            for _ in range(wanted - got):  # truncated/corrupt shard: samples lost
+                self._note_error(url, self.last_error.get(url, "shard ended early"))
                 yield None
 
     def resampled_samples(self) -> Iterator[dict | None]:
@@ -258,29 +295,10 @@ class _SampleReader:
         return self._shuffle(forever())
 
     def _shuffle(self, it: Iterator) -> Iterator:
-        """A seeded shuffle buffer that starts yielding once ``shuffle_initial`` samples are in and then grows to
-        ``shuffle_buffer`` by reading two samples per sample it yields (webdataset's ``shuffle(bufsize, initial)``).
-        Filling the whole buffer first stalled every epoch start: each worker read ``shuffle_buffer`` raw samples
-        (5000 in the pretraining config, 64 workers a node) before its first batch. Every sample is still yielded
-        exactly once, and the order depends on the seed only, so a resume replays it."""
+        """The worker's seeded shuffle buffer (data/plan.py: its order is a function of the plan, so that a resume
+        can replay it)."""
         size = self.s.shuffle_buffer if self.s.shuffle else 0
-        if size <= 1:
-            yield from it
-            return
-        initial = max(1, min(self.s.shuffle_initial, size))
-        buf = []
-        for item in it:
-            buf.append(item)
-            if len(buf) < size:
-                extra = next(it, _END)
-                if extra is not _END:
-                    buf.append(extra)
-            if len(buf) >= initial:
-                j = self.rng.randrange(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-        self.rng.shuffle(buf)
-        yield from buf
+        return shuffle_buffer(it, self.order_rng, size, self.s.shuffle_initial)
 
     # ---- decoding and batching ---------------------------------------------------------------------------------
     def _note_error(self, url: str, reason: str) -> None:
@@ -383,6 +401,19 @@ class _SampleReader:
         if items[0][2] is not None:
             batch["labels"] = torch.stack([it[2] for it in items])
         return batch
+
+
+def _passes(slices) -> Iterator[tuple[str, list[tuple[int, int]]]]:
+    """Consecutive slices of one shard with ascending offsets, as (url, [(start, stop), ...]) per pass."""
+    url, runs = None, []
+    for sl in slices:
+        if sl.url != url or (runs and sl.start < runs[-1][1]):
+            if runs:
+                yield url, runs
+            url, runs = sl.url, []
+        runs.append((sl.start, sl.stop))
+    if runs:
+        yield url, runs
 
 
 def _open_shard(url: str):
