@@ -13,7 +13,7 @@ import torch
 
 from medclip_train.remote import RemoteRunDir
 from tests.s3server import ACCESS_KEY, SECRET_KEY, local_s3, upload_folder
-from tests.shardkit import make_shards
+from tests.shardkit import make_shards, shard_pattern
 from tests.training.conftest import (
     KeyRecorder,
     SendSigterm,
@@ -25,11 +25,28 @@ from tests.training.conftest import (
     sigkill,
     train_py,
 )
+from tests.training.test_remote_shards import keys, make_dm, read_epoch, tokenizer  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
 def s3(monkeypatch):
     yield from local_s3(monkeypatch)
+
+
+def test_exact_epoch_over_s3_two_ranks_two_workers_matches_local_read(s3, tokenizer, tmp_path):
+    """The data module on ``s3://`` shards, each of 2 ranks with 2 loader workers (processes that open their own
+    S3 connections): the plan and order of the same shards read locally, every sample of the epoch once."""
+    sizes = [7, 3, 11, 5]
+    paths = make_shards(tmp_path / "roco", sizes)
+    upload_folder(s3.fs, tmp_path / "roco", f"{s3.bucket}/roco")
+    remote = make_dm(tokenizer, f"s3://{s3.bucket}/roco/train-{{000000..000003}}.tar", num_workers=2)
+    local = make_dm(tokenizer, shard_pattern(paths), num_workers=2)
+    assert remote._train_sizes == sizes, "sizes.json read from the bucket"
+    per_rank = []
+    for rank in range(2):
+        per_rank.append(keys(read_epoch(remote, rank, 2)))
+        assert per_rank[-1] == keys(read_epoch(local, rank, 2)), "same plan, same order as the local shards"
+    assert sorted(per_rank[0] + per_rank[1]) == [f"train_{i:06d}" for i in range(sum(sizes))]
 
 
 def assert_no_credentials(text: str) -> None:
