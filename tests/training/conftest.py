@@ -206,6 +206,16 @@ def shards(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    """The tiny preset's tokenizer object, for data-module tests that build no model."""
+    from medclip_train.config import ModelConfig
+    from medclip_train.model.factory import build_tokenizer, resolve_open_clip_cfg
+
+    model_cfg, _ = resolve_open_clip_cfg(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
+    return build_tokenizer(model_cfg)
+
+
 @pytest.fixture
 def tok(tiny_tokenizer_dir) -> Path:
     return tiny_tokenizer_dir

@@ -12,7 +12,6 @@ from medclip_train.data.datamodule import WebDataModule
 from medclip_train.data.plan import consumed_per_worker
 from medclip_train.data.sources import ShardSource
 from medclip_train.data.stream import DataError
-from medclip_train.model.factory import build_tokenizer, resolve_open_clip_cfg
 from tests.shardkit import make_shards, shard_pattern
 
 PREPROCESS = {
@@ -22,12 +21,6 @@ PREPROCESS = {
     "interpolation": "bilinear",
     "resize_mode": "shortest",
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    model_cfg, _ = resolve_open_clip_cfg(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
-    return build_tokenizer(model_cfg)
 
 
 def make_dm(tokenizer, train, **kwargs) -> WebDataModule:

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from medclip_train.config import ModelConfig
 from medclip_train.data.datamodule import WebDataModule
 from medclip_train.data.sources import ShardSource
 from medclip_train.data.stream import DataError
-from medclip_train.model.factory import build_tokenizer, resolve_open_clip_cfg
 from tests.shardkit import make_shards, shard_pattern
 
 PREPROCESS = {
@@ -78,12 +76,6 @@ def server(tmp_path):
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=5)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    model_cfg, _ = resolve_open_clip_cfg(ModelConfig(preset="tiny", tokenizer=str(tiny_tokenizer_dir)))
-    return build_tokenizer(model_cfg)
 
 
 def make_dm(tokenizer, train, **kwargs) -> WebDataModule:

@@ -25,7 +25,7 @@ from tests.training.conftest import (
     sigkill,
     train_py,
 )
-from tests.training.test_remote_shards import keys, make_dm, read_epoch, tokenizer  # noqa: F401 (a fixture)
+from tests.training.test_remote_shards import keys, make_dm, read_epoch
 
 
 @pytest.fixture
