@@ -417,21 +417,27 @@ class EvalCallback(L.Callback):
         from medclip_train.evaluation.suite import evaluate_suite
 
         preprocess = image_transform_v2(PreprocessCfg(**pl_module.preprocess_cfg), is_train=False)
-        was_training = pl_module.model.training
-        pl_module.model.eval()
+        # The weights, and their moving average when the run keeps one (model.ema_decay): metrics "ema/<name>".
+        models = {"": pl_module.model}
+        if getattr(pl_module, "ema", None) is not None:
+            models["ema/"] = pl_module.ema.module
         metrics = {}
-        if trainer.is_global_zero:
-            metrics = evaluate_suite(
-                pl_module.model,
-                pl_module.tokenizer,
-                preprocess,
-                zeroshot_tasks=self.zeroshot_tasks,
-                retrieval_shards=self.retrieval_shards,
-                device=pl_module.device,
-                batch_size=self.batch_size,
-                max_samples=self.max_samples,
-            )
-        pl_module.model.train(was_training)
+        for prefix, model in models.items():
+            was_training = model.training
+            model.eval()
+            if trainer.is_global_zero:
+                found = evaluate_suite(
+                    model,
+                    pl_module.tokenizer,
+                    preprocess,
+                    zeroshot_tasks=self.zeroshot_tasks,
+                    retrieval_shards=self.retrieval_shards,
+                    device=pl_module.device,
+                    batch_size=self.batch_size,
+                    max_samples=self.max_samples,
+                )
+                metrics.update({prefix + k: v for k, v in found.items()})
+            model.train(was_training)
         self.last_metrics = {k: float(v) for k, v in metrics.items()}
         if log:
             for name, value in metrics.items():

@@ -46,11 +46,13 @@ def export_checkpoint(
     overwrite: bool = False,
     hub_id: str | None = None,
     trust_remote_code: bool = False,
+    ema: bool = False,
 ) -> Path:
     """Write the open_clip folder for ``checkpoint``; returns the folder.
 
     Args:
         overwrite: write into a non-empty folder that is not an earlier export (same-named files are replaced).
+        ema: export the moving average of the weights (a run with ``model.ema_decay``) instead of the weights.
         hub_id: the HF Hub repo the folder will live in; a text tower config that is not on the Hub is then named
             by this id (the repo holds it), so the pushed model loads anywhere, not only from this folder.
         trust_remote_code: the user's explicit opt-in; the checkpoint's own ``trust_remote_code`` is never used.
@@ -62,7 +64,7 @@ def export_checkpoint(
 
     out = Path(output).resolve()
     earlier = check_output_folder(out, overwrite)  # before the slow load: a refusal should be instant
-    loaded = load_project_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
+    loaded = load_project_checkpoint(checkpoint, trust_remote_code=trust_remote_code, ema=ema)
     model_cfg = copy.deepcopy(loaded.model_cfg)
     text_cfg = model_cfg["text_cfg"]
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +107,7 @@ def export_checkpoint(
             "format": EXPORT_FORMAT,
             "version": 1,
             "checkpoint": Path(checkpoint).name,  # not its absolute path: the folder may be pushed to the Hub
+            "weights": "ema" if ema else "model",
             "hub_id": hub_id,
             "text_model_name": text_cfg["hf_model_name"],
             "files": files,
@@ -150,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let Hugging Face run Python code shipped with the text tower (off; a checkpoint cannot turn it on)",
     )
+    parser.add_argument(
+        "--ema", action="store_true", help="export the moving average of the weights (a run with model.ema_decay)"
+    )
     return parser
 
 
@@ -163,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     hub_id = args.push_to_hub or args.hub_id
     try:
-        out = export_checkpoint(args.checkpoint, args.output, args.overwrite, hub_id, args.trust_remote_code)
+        out = export_checkpoint(
+            args.checkpoint, args.output, args.overwrite, hub_id, args.trust_remote_code, ema=args.ema
+        )
     except (ValueError, OSError) as err:  # FileExistsError (refused folder) and FileNotFoundError are OSErrors
         print(f"medclip-export: {err}", file=sys.stderr)
         return 2

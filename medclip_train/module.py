@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from medclip_train.config import LossConfig, ModelConfig, OptimConfig, check_objective
 from medclip_train.data.pixels import normalize_pixels
@@ -45,6 +46,7 @@ class CLIPModule(L.LightningModule):
         accumulation_steps: int = 1,
         grad_clip_norm: float = 1.0,
         max_consecutive_skips: int = 10,
+        ema_decay: float = 0.0,
     ):
         """The model and how it trains (--model.*).
 
@@ -56,11 +58,16 @@ class CLIPModule(L.LightningModule):
                 micro-batches for memory, and the update equals one step on the whole batch.
             grad_clip_norm: Clip the global gradient norm to this (0 disables).
             max_consecutive_skips: Stop after this many consecutive steps with a non-finite loss or gradient.
+            ema_decay: Keep an exponential moving average of the weights with this decay per optimizer step (e.g.
+                0.9999; 0: none). It lives on the model's device, is saved in checkpoints, evaluated beside the
+                weights by the in-training evaluation (``eval/ema/*``) and exported with ``medclip-export --ema``.
         """
         super().__init__()
         clip, loss, optim = clip or ModelConfig(), loss or LossConfig(), optim or OptimConfig()
         if accumulation_steps < 1:
             raise ValueError(f"model.accumulation_steps must be >= 1, got {accumulation_steps}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in [0, 1) (0: no moving average), got {ema_decay}")
         check_objective(clip, loss)
         self.automatic_optimization = False
         # Plain dicts, so that checkpoints load with torch.load(weights_only=True).
@@ -72,6 +79,7 @@ class CLIPModule(L.LightningModule):
                 "accumulation_steps": accumulation_steps,
                 "grad_clip_norm": grad_clip_norm,
                 "max_consecutive_skips": max_consecutive_skips,
+                "ema_decay": ema_decay,
             }
         )
         self.clip_cfg, self.loss_cfg, self.optim_cfg = clip, loss, optim
@@ -92,6 +100,7 @@ class CLIPModule(L.LightningModule):
         for name in ("mean", "std"):
             value = torch.tensor(self.preprocess_cfg[name], dtype=torch.float32)
             self.register_buffer(f"pixel_{name}", value, persistent=False)
+        self.ema = ema_model(self.model, ema_decay) if ema_decay else None
         self._consecutive_skips = 0
         self._unsharded_params: list[torch.nn.Parameter] | None = None  # set when FSDP2 shards the model
 
@@ -99,6 +108,21 @@ class CLIPModule(L.LightningModule):
         # The open_clip config the model was built with: a later version whose preset builds something else is
         # refused on resume and on loading (factory.preset_drift), instead of loading the weights into it silently.
         checkpoint["architecture"] = {"model_cfg": self.model_cfg, "preprocess_cfg": dict(self.preprocess_cfg)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # model.ema_decay may be turned on or off on resume: a checkpoint without an average starts one from its
+        # weights (as at step 0); an average this run does not keep is dropped. Either way it is said.
+        state = checkpoint["state_dict"]
+        has_ema = any(k.startswith(EMA_PREFIX) for k in state)
+        if self.ema is not None and not has_ema:
+            rank_zero_warn("model.ema_decay: the checkpoint has no moving average; it starts from its weights now")
+            for name, value in self.ema.module.state_dict().items():
+                state[EMA_PREFIX + name] = state.get(f"model.{name}", value)
+            state["ema.n_averaged"] = torch.zeros_like(self.ema.n_averaged)  # the next update copies the weights
+        elif self.ema is None and has_ema:
+            rank_zero_warn("model.ema_decay is 0 in this run: the checkpoint's moving average is dropped")
+            for key in [k for k in state if k.startswith("ema.")]:
+                del state[key]
 
     # ---- data side (the data module is handed tokenizer and preprocess_cfg once: WebDataModule.connect) ---------
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -123,6 +147,11 @@ class CLIPModule(L.LightningModule):
         would. The whole model is one FSDP unit: parameters are gathered for the forward and freed after it.
         """
         mesh = self.device_mesh  # set by ModelParallelStrategy only
+        if mesh is not None and self.ema is not None:
+            raise ValueError(
+                "model.ema_decay is not supported with ModelParallelStrategy (FSDP2) yet: the average would be a whole "
+                "unsharded copy on every rank; use --trainer.strategy ddp or model.ema_decay 0"
+            )
         if mesh is None or self._unsharded_params is not None:
             return
         if mesh["tensor_parallel"].size() != 1:
@@ -242,6 +271,10 @@ class CLIPModule(L.LightningModule):
         scheduler.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(self.optim_cfg.max_logit_scale))
+        if self.ema is not None:
+            # After the clamp: the average is of the weights the model runs with. A skipped (non-finite) step left
+            # the weights as they were; the average then moves towards them as after any step.
+            self.ema.update_parameters(self.model)
         self._log_step(batch, result["loss"], result["parts"], lr)
         return result["loss"]
 
@@ -371,6 +404,21 @@ class CLIPModule(L.LightningModule):
             cfg = replace(cfg, fused=fused_kernels and str(self.trainer.precision) != "16-mixed")
         optimizer, scheduler = build_optimizer(self.model, cfg, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+EMA_PREFIX = "ema.module."
+"""Where a checkpoint's ``state_dict`` holds the moving average of the model's weights (``model.`` holds them)."""
+
+
+def ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """torch's own EMA (``AveragedModel`` with ``get_ema_multi_avg_fn``): a copy of the model, buffers averaged too,
+    updated after each optimizer step; its first update copies the weights."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    # No gradients: the optimizer and DDP's reducer must not see the copy.
+    ema.requires_grad_(False)
+    return ema
 
 
 def _rng_state(device: torch.device):

@@ -25,8 +25,11 @@ class LoadedModel:
     preprocess_cfg: dict | None = None
 
 
-def load_project_checkpoint(path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> LoadedModel:
-    """A Lightning checkpoint of this project: rebuild the model from its saved config, load the weights.
+def load_project_checkpoint(
+    path: str | Path, device: str = "cpu", trust_remote_code: bool = False, ema: bool = False
+) -> LoadedModel:
+    """A Lightning checkpoint of this project: rebuild the model from its saved config, load the weights (with
+    ``ema``: their moving average, kept by a run with ``model.ema_decay``).
 
     ``trust_remote_code`` is the caller's (the user's flag): the checkpoint's own ``trust_remote_code`` is ignored,
     since a file without any pickle could otherwise still run the Python code of a text tower it names.
@@ -50,7 +53,10 @@ def load_project_checkpoint(path: str | Path, device: str = "cpu", trust_remote_
     overrides = {"init_from": None, "pretrained_image": False, "pretrained_text": False}
     cfg = ModelConfig(**{**hparams["clip"], **overrides, "trust_remote_code": trust_remote_code})
     built = build_model(cfg)
-    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    prefix = "ema.module." if ema else "model."  # module.EMA_PREFIX (not imported: loading stays below the module)
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if ema and not state:
+        raise ValueError(f"--ema: {path} holds no moving average of the weights (trained without model.ema_decay)")
     report = load_state_dict_report(built.model, state)
     if report["missing"]:
         raise ValueError(f"{path}: checkpoint lacks weights {report['missing'][:5]}")
