@@ -9,6 +9,11 @@ batch 256, bf16 autocast, the same number of loader workers; open_clip with its 
 batch time), MFU against the bf16 ``torch.mm`` rate measured on the same GPU in the same run, and peak GPU memory
 (``nvidia-smi``, the most memory in use on the card during the run, less what was in use before it).
 
+``--strategy fsdp`` adds a third side: this project's loop under FSDP2 (Lightning's ``ModelParallelStrategy``, the
+model sharded with ``fully_shard`` over ``--devices`` processes), beside the same loop under DDP on as many
+processes (open_clip 3.3 has no FSDP; its side runs one process): samples/s, MFU and peak GPU memory of each, which is the
+GPU check the README's FSDP line waits for. ``--devices N`` runs our sides on N GPUs (default 1).
+
 ``--device cpu`` with a small ``--preset``/``--batch-size`` runs the same code path on a CPU (a smoke test of the
 command, not a measurement).
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import threading
+from pathlib import Path
 
 from bench.common import (
     DEFAULT_ANCHOR_PYTHON,
@@ -112,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=PRESET)
     p.add_argument("--text-model", default=TEXT_MODEL)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke test of the command")
+    p.add_argument("--devices", type=int, default=1, help="processes (GPUs) per run, every side")
+    p.add_argument(
+        "--strategy", choices=("ddp", "fsdp"), default="ddp", help="fsdp: also our loop under FSDP2, beside DDP"
+    )
     p.add_argument("--anchor-python", default=DEFAULT_ANCHOR_PYTHON, help="python with open_clip 3.3 + wds 0.2.86")
     p.add_argument("--no-anchor", action="store_true", help="measure this project only")
     p.add_argument("--name", default="gpu", help="results go to bench/results/<name>.json")
@@ -154,6 +164,14 @@ def main(argv: list[str]) -> None:
         # The bench set has 3000 samples: draw shards with replacement so that any batch size x steps fits.
         *("--data.epoch_mode", "resampled", "--data.samples_per_epoch", str(samples)),
     ]
+    if a.devices > 1:
+        ours_args += ["--trainer.devices", str(a.devices), "--trainer.strategy", "ddp"]
+    fsdp_args = [
+        *ours_args,
+        *("--trainer.devices", str(a.devices), "--trainer.strategy", "ModelParallelStrategy"),
+        *("--trainer.strategy.data_parallel_size", str(a.devices), "--trainer.strategy.tensor_parallel_size", "1"),
+        *("--trainer.strategy.save_distributed_checkpoint", "false"),
+    ]
     theirs_flags = {"--device": a.device, "--batch-size": a.batch_size, "--workers": a.workers}
 
     gpu_id = "0"
@@ -182,6 +200,18 @@ def main(argv: list[str]) -> None:
             ),
         )
     ]
+    if a.strategy == "fsdp":
+        run_dir = run_root / "ours-fsdp-{}"
+        sides.append(
+            (
+                "ours_fsdp",
+                measured(
+                    lambda i: run_ours(
+                        data, a.steps, a.warmup, Path(str(run_dir).format(i)), fsdp_args, batch_size=a.batch_size
+                    )
+                ),
+            )
+        )
     if anchor:
         sides.append(
             (
@@ -201,9 +231,14 @@ def main(argv: list[str]) -> None:
                 ),
             )
         )
-    runs = {"theirs": [], **alternate(sides, a.repeats, quiet_wait=0 if a.device == "cuda" else 10)}
+    runs = {"theirs": [], "ours_fsdp": [], **alternate(sides, a.repeats, quiet_wait=0 if a.device == "cuda" else 10)}
     rows, summary = [], {}
-    for side, label, executed in (("ours", "medclip-train", round(text_len)), ("theirs", "open_clip 3.3", context)):
+    labelled = (
+        ("ours", "medclip-train" + (" (DDP)" if a.strategy == "fsdp" else ""), round(text_len)),
+        ("ours_fsdp", "medclip-train (FSDP2)", round(text_len)),
+        ("theirs", "open_clip 3.3", context),
+    )
+    for side, label, executed in labelled:
         if not runs[side]:
             continue
         sps = mean([r["samples_per_s"] for r in runs[side]])
@@ -230,6 +265,8 @@ def main(argv: list[str]) -> None:
         )
     if "ours" in summary and "theirs" in summary:
         summary["ratio"] = summary["ours"]["samples_per_s"] / summary["theirs"]["samples_per_s"]
+    if "ours" in summary and "ours_fsdp" in summary:
+        summary["fsdp_vs_ddp"] = summary["ours_fsdp"]["samples_per_s"] / summary["ours"]["samples_per_s"]
     headers = [
         "loop",
         "samples/s per run",
@@ -243,6 +280,7 @@ def main(argv: list[str]) -> None:
         f"\n\nmatmul peak: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
         f"{flops[round(text_len)] / 1e9:.1f} GFLOP/sample at the mean trimmed text length {text_len:.0f}"
         + (f"; medclip-train / open_clip = {summary['ratio']:.2f}x" if "ratio" in summary else "")
+        + (f"; FSDP2 / DDP = {summary['fsdp_vs_ddp']:.2f}x" if "fsdp_vs_ddp" in summary else "")
     )
     print(table)
     result = {
