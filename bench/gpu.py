@@ -11,8 +11,8 @@ batch time), MFU against the bf16 ``torch.mm`` rate measured on the same GPU in 
 
 ``--strategy fsdp`` adds a third side: this project's loop under FSDP2 (Lightning's ``ModelParallelStrategy``, the
 model sharded with ``fully_shard`` over ``--devices`` processes), beside the same loop under DDP on as many
-processes (open_clip 3.3 has no FSDP; its side runs one process): samples/s, MFU and peak GPU memory of each, which is the
-GPU check the README's FSDP line waits for. ``--devices N`` runs our sides on N GPUs (default 1).
+processes (open_clip 3.3 has no FSDP; its side runs one process): samples/s, MFU and peak GPU memory of each,
+which is the GPU check the README's FSDP line waits for. ``--devices N`` runs our sides on N GPUs (default 1).
 
 ``--device cpu`` with a small ``--preset``/``--batch-size`` runs the same code path on a CPU (a smoke test of the
 command, not a measurement).
