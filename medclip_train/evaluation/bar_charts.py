@@ -45,6 +45,21 @@ def save_task_charts(rows: list[dict], labels: list[str], plots: Path) -> list[t
 
 
 def save_task_chart(family: str, rows: list[dict], labels: list[str], plots: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = draw_task_chart(family, rows, labels)
+    path = plots / f"bars_{safe_name(family)}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+DPI = 100
+
+
+def draw_task_chart(family: str, rows: list[dict], labels: list[str]):
+    """The figure of one task family: a panel per metric, a group of bars (one per model) per dataset."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: evaluation runs on servers
@@ -54,7 +69,10 @@ def save_task_chart(family: str, rows: list[dict], labels: list[str], plots: Pat
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     columns = min(3, len(metrics))
     lines = math.ceil(len(metrics) / columns)
-    width = max(3.2, 0.9 + 0.45 * len(datasets) * max(2, len(labels)))
+    # A panel wide enough for its dataset names side by side (about 8 px a character at this size and DPI) when
+    # they are not slanted: the demo's names ran into each other.
+    names = 0.0 if len(datasets) > 3 else len(datasets) * (max(map(len, datasets)) * 8 / DPI + 0.3) + 0.9
+    width = max(3.2, 0.9 + 0.45 * len(datasets) * max(2, len(labels)), names)
     figsize = (max(6.5, width * columns), 3.4 * lines + 0.6)
     fig, axes = plt.subplots(lines, columns, figsize=figsize, squeeze=False)
     colours = plt.get_cmap("tab10")
@@ -79,9 +97,8 @@ def save_task_chart(family: str, rows: list[dict], labels: list[str], plots: Pat
             if chance is not None and not (isinstance(chance, float) and math.isnan(chance)):
                 ax.hlines(chance, i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1)
         ax.set_title(metric, fontsize=10)
-        ax.set_xticks(
-            x, datasets, rotation=30 if len(datasets) > 3 else 0, ha="right" if len(datasets) > 3 else "center"
-        )
+        slant = len(datasets) > 3
+        ax.set_xticks(x, datasets, rotation=30 if slant else 0, ha="right" if slant else "center")
         ax.axhline(0, color="grey", linewidth=0.5)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.set_visible(False)
@@ -91,8 +108,4 @@ def save_task_chart(family: str, rows: list[dict], labels: list[str], plots: Pat
     fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(f"{family}\n(a bar per model; error bars: 95% CI or std over folds)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.84, 1))
-    path = plots / f"bars_{safe_name(family)}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

@@ -38,3 +38,33 @@ def test_one_png_per_task_with_missing_cells_and_chance(tmp_path):
             colours = np.asarray(image.convert("RGB")).reshape(-1, 3)
         tab10_blue = np.array([31, 119, 180])  # the first model's bars
         assert (np.abs(colours.astype(int) - tab10_blue).sum(1) < 10).sum() > 100
+
+
+def test_dataset_names_under_the_bars_do_not_run_into_each_other():
+    """Three datasets with names of 11-13 characters and two models (the demo's suite): the names under each panel
+    overlapped until they were slanted when too long for their group's width."""
+    import matplotlib.pyplot as plt
+
+    from medclip_train.evaluation.bar_charts import draw_task_chart
+
+    names = ["demo_nodule", "demo_modality", "breastmnist"]
+    rows = [
+        {
+            "dataset": d,
+            "task": "zero-shot",
+            "metric": m,
+            "chance": 0.5,
+            "cells": {"a": {"value": 0.7}, "b": {"value": 0.6}},
+        }
+        for d in names
+        for m in ("top1", "auroc")
+    ]
+    fig = draw_task_chart("zero-shot", rows, ["a", "b"])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        boxes = [label.get_window_extent(renderer) for label in ax.get_xticklabels() if label.get_text()]
+        assert len(boxes) == 3
+        for left, right in zip(boxes, boxes[1:]):
+            assert not left.overlaps(right), f"{ax.get_title()}: tick labels overlap"
+    plt.close(fig)
