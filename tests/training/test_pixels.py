@@ -14,7 +14,7 @@ from medclip_train.data.datamodule import WebDataModule
 from medclip_train.data.decode import decode_image
 from medclip_train.data.pixels import normalize_pixels, pixels_transform
 from tests.shardkit import make_shards, shard_pattern
-from tests.training.test_datamodule import PREPROCESS, tokenizer  # noqa: F401 (fixture)
+from tests.training.test_datamodule import PREPROCESS
 
 FIGURES = Path(__file__).parents[1] / "fixtures/realdata/medicat/figures"
 
