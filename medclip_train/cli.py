@@ -235,6 +235,12 @@ def refuse_untested_strategy(strategy) -> None:
         name = strategy.get("class_path")
     else:
         name = type(strategy).__name__
+    if name and str(name).split(".")[-1] == "ModelParallelStrategy" and _distributed_checkpoints(strategy):
+        raise ValueError(
+            "trainer.strategy.save_distributed_checkpoint: ModelParallelStrategy writes a folder of shards per "
+            "checkpoint by default, which resume and medclip-export do not read; pass "
+            "--trainer.strategy.save_distributed_checkpoint false (one file, as DDP's)"
+        )
     if name and "fsdp" in str(name).lower():
         raise ValueError(
             f"trainer.strategy: {name} (FSDP1) is not supported with this training loop (Lightning runs it on GPUs "
@@ -243,6 +249,15 @@ def refuse_untested_strategy(strategy) -> None:
             "--trainer.strategy.tensor_parallel_size 1 --trainer.strategy.save_distributed_checkpoint false, "
             "or --trainer.strategy ddp"
         )
+
+
+def _distributed_checkpoints(strategy) -> bool:
+    """Whether a ModelParallelStrategy config leaves ``save_distributed_checkpoint`` at Lightning's default (true)."""
+    init_args = strategy.get("init_args") if hasattr(strategy, "get") else None
+    if init_args is None:
+        return getattr(strategy, "_save_distributed_checkpoint", True)
+    value = init_args.get("save_distributed_checkpoint") if hasattr(init_args, "get") else None
+    return value is None or bool(value)
 
 
 def check_labels_for_loss(model, data) -> None:

@@ -156,3 +156,16 @@ def test_fsdp2_cli_run_resumes_under_fsdp2_and_under_ddp_and_exports(tmp_path, s
 
     assert export(["--checkpoint", str(root / "last.ckpt"), "--output", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "open_clip_model.safetensors").is_file()
+
+
+def test_fsdp2_with_distributed_checkpoints_is_refused_naming_the_flag(tmp_path, shards, tok, capsys):
+    """Lightning's ModelParallelStrategy writes a folder of shards per checkpoint unless told otherwise; resume and
+    export read one file, so the default is refused before anything is built."""
+    root = tmp_path / "run"
+    strategy = ["--trainer.strategy", "ModelParallelStrategy", "--trainer.strategy.data_parallel_size", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fit_args(tok, shards([8]), root, *strategy, "--trainer.strategy.tensor_parallel_size", "1"))
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: trainer.strategy.save_distributed_checkpoint") and "false" in line, line
+    assert not root.exists() or not any(root.iterdir()), "nothing written"
