@@ -66,12 +66,12 @@ class StreamLoader(DataLoader):
         # The whole epoch, also after a resume: Lightning restores its own count of the batches already done in
         # the epoch and ends the epoch when that count reaches len(); the remaining length would end it early.
         # After an elastic resume that count holds the batches of the earlier parts, in their own layouts.
-        earlier = 0
-        if self._train:
-            self.dataset.spec.parts = [EpochPart(**p) for p in self._state["parts"]]
-            self.dataset.spec.epoch = self._state["epoch"]
-            earlier = sum(p.batches for p in self.dataset.spec.parts)
-        return earlier + sum(self.dataset.batches_per_worker(self.world or world_info()))
+        world = self.world or world_info()
+        if not self._train:
+            return sum(self.dataset.batches_per_worker(world))
+        parts = [EpochPart(**p) for p in self._state["parts"]]
+        now = self.dataset.batches_per_worker(world, self._state["epoch"], parts)
+        return sum(p.batches for p in parts) + sum(now)
 
 
 class StreamPosition(L.Callback):

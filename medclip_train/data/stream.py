@@ -101,30 +101,36 @@ class ShardStream(IterableDataset):
         self.spec = spec
         self._remaining: tuple[tuple, np.ndarray | None] = ((), None)
 
-    def remaining(self) -> np.ndarray | None:
+    def remaining(self, epoch: int | None = None, parts: list[EpochPart] | None = None) -> np.ndarray | None:
         """Exact mode after parts of the epoch in other layouts: the positions of the samples they left (computed
-        once per epoch and parts, in the main process before the workers start, so each worker gets it); else None."""
+        once per epoch and parts, in the main process before the workers start, so each worker gets it); else None.
+        ``epoch``/``parts``: default the spec's."""
         s = self.spec
-        if s.mode != "exact" or not s.parts:
+        epoch = s.epoch if epoch is None else epoch
+        parts = s.parts if parts is None else parts
+        if s.mode != "exact" or not parts:
             return None
-        key = (s.epoch, tuple(s.parts))
+        key = (epoch, tuple(parts))
         if self._remaining[0] != key:
-            left = remaining_positions(sum(s.sizes), s.parts, seed=s.seed, epoch=s.epoch, shuffle=s.shuffle)
+            left = remaining_positions(sum(s.sizes), parts, seed=s.seed, epoch=epoch, shuffle=s.shuffle)
             self._remaining = (key, left)
         return self._remaining[1]
 
-    def batches_per_worker(self, world: tuple[int, int] | None = None) -> list[int]:
-        """Batches of each worker of one rank in the current part of the epoch, on ``world`` (rank, world size);
-        default: the spec's."""
+    def batches_per_worker(
+        self, world: tuple[int, int] | None = None, epoch: int | None = None, parts: list[EpochPart] | None = None
+    ) -> list[int]:
+        """Batches of each worker of one rank in the current part of the epoch, on ``world`` (rank, world size),
+        after the earlier ``parts`` of ``epoch``; default: the spec's."""
         s = self.spec
         _, world_size = world or s.world
+        parts = s.parts if parts is None else parts
         workers = max(s.num_workers, 1)
         if s.mode == "exact":
-            left = self.remaining()
+            left = self.remaining(epoch, parts)
             total = sum(s.sizes) if left is None else len(left)
             return exact_worker_batches(total, world_size, s.batch_size, workers) if total else [0] * workers
-        samples = s.samples_per_epoch - sum(p.batches * p.batch_size * p.world_size for p in s.parts)
-        if s.parts and samples < world_size * s.batch_size:
+        samples = s.samples_per_epoch - sum(p.batches * p.batch_size * p.world_size for p in parts)
+        if parts and samples < world_size * s.batch_size:
             return [0] * workers  # what earlier parts left of the virtual epoch is less than one global batch
         return resampled_worker_batches(samples, world_size, s.batch_size, workers)
 

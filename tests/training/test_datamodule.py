@@ -305,6 +305,19 @@ def test_the_length_of_an_epoch_leaves_the_stream_spec_as_it_is(tmp_path, tokeni
     assert loader.dataset.spec.world == (0, 1)
 
 
+def test_the_length_after_an_elastic_resume_leaves_the_stream_spec_as_it_is(tmp_path, tokenizer):
+    """16 samples: 2 ranks x 2 workers train one batch of 4 each, then 1 rank goes on with the 8 left: Lightning's
+    count (1 batch) plus 2 batches; asking for it must not write the epoch's parts into the workers' spec."""
+    pattern = shard_pattern(make_shards(tmp_path, [8, 8]))
+    first = make_dm(tokenizer, pattern, num_workers=2)
+    train_part(first, 0, 2, 1)
+    resumed = make_dm(tokenizer, pattern)
+    resumed.load_state_dict(first.state_dict())
+    loader = resumed.train_dataloader()
+    assert len(loader) == 3
+    assert (loader.dataset.spec.epoch, loader.dataset.spec.parts) == (0, [])
+
+
 def test_the_data_module_keeps_its_position_in_a_plain_trainer(tmp_path, tiny_tokenizer_dir):
     """No CLI: the data module adds its own StreamPosition callback; the module calls nothing on it. 16 samples in
     batches of 4 are 4 batches an epoch, so 5 steps are a whole epoch and one batch of the next."""
