@@ -112,7 +112,9 @@ class CLIPModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # model.ema_decay may be turned on or off on resume: a checkpoint without an average starts one from its
         # weights (as at step 0); an average this run does not keep is dropped. Either way it is said.
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if state is None:  # ModelParallelStrategy (FSDP2) loads the weights itself; EMA is refused there
+            return
         has_ema = any(k.startswith(EMA_PREFIX) for k in state)
         if self.ema is not None and not has_ema:
             rank_zero_warn("model.ema_decay: the checkpoint has no moving average; it starts from its weights now")
