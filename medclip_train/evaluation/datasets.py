@@ -13,12 +13,12 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, pil_loader
 
 from medclip_train.data.class_folders import slug
+from medclip_train.data.pixels import stack_pixels
 from medclip_train.data.sources import expand_shard_pattern
 from medclip_train.evaluation.errors import EvalInputError
 from medclip_train.evaluation.prompts import PromptSet, default_prompt_set, load_prompt_set, parse_prompt_set
@@ -174,15 +174,11 @@ def _file_stamp(path: Path, root: Path | None = None) -> list:
 def collate(batch):
     """Stack images; keep keys, metas (and shard positions) as lists (the default collate mangles dicts of lists).
 
-    In a loader worker the batch is stacked straight into shared memory (as torch's default collate does), so that
-    sending it to the main process copies nothing more.
+    In a loader worker the batch is stacked straight into shared memory (``stack_pixels``, the training loader's), so
+    that sending it to the main process copies nothing more.
     """
     images, *columns = zip(*batch)
-    out = None
-    if torch.utils.data.get_worker_info() is not None:
-        storage = images[0]._typed_storage()._new_shared(sum(x.numel() for x in images), device=images[0].device)
-        out = images[0].new(storage).resize_(len(images), *images[0].shape)
-    return torch.stack(images, out=out), *(list(column) for column in columns)
+    return stack_pixels(list(images)), *(list(column) for column in columns)
 
 
 def expand_shards(pattern: str) -> list[str]:

@@ -283,7 +283,7 @@ class Encoder:
     @torch.no_grad()
     def _run(self, dataset, desc: str, total: int | None, limit: int | None = None, workers: int | None = None):
         """(features, keys, metas, positions) of ``dataset`` in loader order, the first ``limit`` at most."""
-        pixels = self._pixels if self._loader_transform is not self.preprocess else None
+        pixels = self._loader_transform if isinstance(self._loader_transform, PixelTransform) else None
         loader = DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -52,26 +52,26 @@ def test_fp16_grad_scaler_with_default_adamw_kernel_trains(tmp_path, shards, tok
     assert cli.trainer.global_step == 1
 
 
-def test_logit_bias_with_infonce_is_refused_at_config_time(tmp_path, shards, tok, capsys):
+REFUSED = {
     # InfoNCE never uses the bias (a constant shift of a softmax row): the trainable parameter gets no gradient, so
     # DDP fails its second step ("Expected to have finished reduction") and accumulation's autograd.grad fails.
-    root = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(fit_args(tok, shards([8]), root, "--model.clip.init_logit_bias", "-10"))
-    assert exit_info.value.code == 2
-    line = one_line_error(capsys)
-    assert "model.clip.init_logit_bias" in line and "model.loss.kind" in line
-    assert not (root / "last.ckpt").exists()
-
-
-def test_semantic_matching_without_labels_is_refused_naming_both(tmp_path, shards, tok, capsys):
+    "logit_bias_with_infonce": (
+        ["--model.clip.init_logit_bias", "-10"],
+        ["model.clip.init_logit_bias", "model.loss.kind"],
+    ),
     # The loss needs the batch's label vectors, which the data module makes only with data.label_top_k > 0.
+    "semantic_matching_without_labels": (["--model.loss.w_sm", "1.0"], ["model.loss.w_sm", "data.label_top_k"]),
+}
+
+
+@pytest.mark.parametrize(("args", "named"), REFUSED.values(), ids=REFUSED.keys())
+def test_a_combination_is_refused_at_config_time_naming_both(tmp_path, shards, tok, capsys, args, named):
     root = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(fit_args(tok, shards([8]), root, "--model.loss.w_sm", "1.0"))
+        run_cli(fit_args(tok, shards([8]), root, *args))
     assert exit_info.value.code == 2
     line = one_line_error(capsys)
-    assert "model.loss.w_sm" in line and "data.label_top_k" in line
+    assert all(name in line for name in named), line
     assert not (root / "last.ckpt").exists()
 
 
