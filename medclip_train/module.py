@@ -24,6 +24,7 @@ from medclip_train.config import LossConfig, ModelConfig, OptimConfig, check_obj
 from medclip_train.data.pixels import normalize_pixels
 from medclip_train.losses import build_loss
 from medclip_train.model.factory import build_model, set_fused_attention
+from medclip_train.model.weights import EMA_PREFIX, MODEL_PREFIX
 from medclip_train.optim import build_optimizer
 
 
@@ -119,7 +120,7 @@ class CLIPModule(L.LightningModule):
         if self.ema is not None and not has_ema:
             rank_zero_warn("model.ema_decay: the checkpoint has no moving average; it starts from its weights now")
             for name, value in self.ema.module.state_dict().items():
-                state[EMA_PREFIX + name] = state.get(f"model.{name}", value)
+                state[EMA_PREFIX + name] = state.get(MODEL_PREFIX + name, value)
             state["ema.n_averaged"] = torch.zeros_like(self.ema.n_averaged)  # the next update copies the weights
         elif self.ema is None and has_ema:
             rank_zero_warn("model.ema_decay is 0 in this run: the checkpoint's moving average is dropped")
@@ -406,10 +407,6 @@ class CLIPModule(L.LightningModule):
             cfg = replace(cfg, fused=fused_kernels and str(self.trainer.precision) != "16-mixed")
         optimizer, scheduler = build_optimizer(self.model, cfg, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-EMA_PREFIX = "ema.module."
-"""Where a checkpoint's ``state_dict`` holds the moving average of the model's weights (``model.`` holds them)."""
 
 
 def ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:

@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 from medclip_train.model.export_marker import read_export_marker
-from medclip_train.model.weights import load_state_dict_report, open_clip_model_cfg, read_project_checkpoint
+from medclip_train.model.weights import (
+    EMA_PREFIX,
+    MODEL_PREFIX,
+    load_state_dict_report,
+    open_clip_model_cfg,
+    read_project_checkpoint,
+    submodule_state,
+)
 
 
 @dataclass
@@ -53,8 +60,7 @@ def load_project_checkpoint(
     overrides = {"init_from": None, "pretrained_image": False, "pretrained_text": False}
     cfg = ModelConfig(**{**hparams["clip"], **overrides, "trust_remote_code": trust_remote_code})
     built = build_model(cfg)
-    prefix = "ema.module." if ema else "model."  # module.EMA_PREFIX (not imported: loading stays below the module)
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = submodule_state(ckpt["state_dict"], EMA_PREFIX if ema else MODEL_PREFIX)
     if ema and not state:
         raise ValueError(f"--ema: {path} holds no moving average of the weights (trained without model.ema_decay)")
     report = load_state_dict_report(built.model, state)

@@ -43,6 +43,17 @@ def load_state_dict_report(model: torch.nn.Module, state: dict) -> dict:
     return report
 
 
+MODEL_PREFIX = "model."
+"""Where a project checkpoint's ``state_dict`` holds the CLIP model's weights (``CLIPModule.model``)."""
+EMA_PREFIX = "ema.module."
+"""Where it holds their moving average (``CLIPModule.ema``, a run with ``model.ema_decay``)."""
+
+
+def submodule_state(state_dict: dict, prefix: str) -> dict:
+    """The entries of ``state_dict`` under ``prefix``, with the prefix taken off."""
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def load_clip_weights(model: torch.nn.Module, source: str, image_pool: str | None = None) -> dict:
     """Initialise ``model`` from full CLIP weights (``model.clip.init_from``); returns the key report.
 
@@ -54,7 +65,7 @@ def load_clip_weights(model: torch.nn.Module, source: str, image_pool: str | Non
         ckpt = read_project_checkpoint(source)
         clip = (ckpt.get("hyper_parameters") or {}).get("clip") or {}
         check_image_pool(source, _project_image_pool(clip), image_pool)
-        state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        state = submodule_state(ckpt["state_dict"], MODEL_PREFIX)
     else:
         if source.startswith("local-dir:"):
             check_image_pool(source, _export_image_pool(source), image_pool)
