@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from medclip_train.config import LossConfig, ModelConfig, OptimConfig, check_objective
 from medclip_train.data.pixels import normalize_pixels
 from medclip_train.losses import build_loss
+from medclip_train.model.dropout import use_cpu_dropout
 from medclip_train.model.factory import build_model, set_fused_attention
 from medclip_train.model.weights import EMA_PREFIX, MODEL_PREFIX
 from medclip_train.optim import build_optimizer
@@ -195,8 +196,9 @@ class CLIPModule(L.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        if self.device.type == "cpu":  # explicit attention is faster there (see set_fused_attention)
+        if self.device.type == "cpu":  # explicit attention and cheaper dropout masks are faster there (see both)
             set_fused_attention(self.model, False)
+            use_cpu_dropout(self.model)
 
     def _loss(self, out: dict, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total to back-propagate and the named, detached parts to log."""

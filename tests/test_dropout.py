@@ -1,0 +1,89 @@
+"""CPUDropout: torch's CPU dropout numerics with a cheaper mask (medclip_train/model/dropout.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medclip_train.model.dropout import CPUDropout, dropout_noise, keep_mask, use_cpu_dropout
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.75, 0.7, 0.5, 0.137])
+def test_each_element_is_kept_with_the_exact_probability(keep):
+    n = 4_000_000
+    torch.manual_seed(0)
+    kept = keep_mask(n, keep).mean()
+    sigma = math.sqrt(keep * (1 - keep) / n)
+    # Without the tie draw 0.9 would give 230/256 = 0.8984 (7 sigma off here), 0.7 179/256 = 0.6992 (3.4 sigma).
+    assert abs(kept - keep) < 3 * sigma, (kept, keep, sigma)
+
+
+def test_the_tie_draw_decides_the_threshold_byte():
+    # keep = 230.5 / 256: the byte 230 (1 in 256) is kept half the time, bytes below always, above never.
+    torch.manual_seed(1)
+    keep = 230.5 / 256
+    gen = torch.Generator().manual_seed(3)
+    words = torch.empty((1_000_000 + 7) // 8, dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=gen)
+    bytes_ = words.numpy().view("uint8")[:1_000_000]
+    mask = keep_mask(1_000_000, keep, torch.Generator().manual_seed(3))
+    assert mask[bytes_ < 230].all() and not mask[bytes_ > 230].any()
+    ties = mask[bytes_ == 230]
+    assert 0.4 < ties.mean() < 0.6 and len(ties) > 3000
+
+
+def test_masks_follow_torch_seed_and_generator():
+    torch.manual_seed(5)
+    a = keep_mask(10_000, 0.9)
+    torch.manual_seed(5)
+    b = keep_mask(10_000, 0.9)
+    c = keep_mask(10_000, 0.9)
+    assert (a == b).all() and not (a == c).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_kept_values_and_gradients_are_those_of_torch_dropout(dtype, p):
+    torch.manual_seed(0)
+    x = (torch.randn(64, 75, 48) * 3).to(dtype)
+    x[x == 0] = 1
+    # torch's own CPU dropout: the value it gives a kept element is the reference.
+    ref = F.dropout(x, p, training=True)
+    ref_kept = ref != 0
+    module = CPUDropout(p).train()
+    xs = x.clone().requires_grad_(True)
+    out = module(xs)
+    kept = out != 0
+    assert 0.5 < kept.float().mean().item() / (1 - p) < 1.5
+    both = ref_kept & kept
+    assert both.any()
+    assert torch.equal(out[both], ref[both])
+    assert not out[~kept].any()
+    # Backward: grad * noise, the same noise tensor (dtype-rounded 1/keep), as autograd of x * noise in torch.
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    noise = dropout_noise(kept.numpy().reshape(-1), 1 - p, dtype).view(x.shape)
+    assert torch.equal(xs.grad, grad * noise)
+
+
+def test_eval_mode_p0_and_inplace_are_torch_dropout():
+    x = torch.randn(8, 16)
+    assert torch.equal(CPUDropout(0.5).eval()(x), x)
+    assert torch.equal(CPUDropout(0.0).train()(x), x)
+    torch.manual_seed(0)
+    ref = F.dropout(x.clone(), 0.5, training=True, inplace=True)
+    torch.manual_seed(0)
+    assert torch.equal(CPUDropout(0.5, inplace=True).train()(x.clone()), ref)
+
+
+def test_use_cpu_dropout_swaps_only_active_dropouts_and_keeps_the_state_dict():
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Dropout(0.0), nn.Linear(4, 4), nn.Dropout(1.0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_cpu_dropout(model) == 1
+    assert [type(m).__name__ for m in model] == ["Linear", "CPUDropout", "Dropout", "Linear", "Dropout"]
+    assert model[1].p == 0.1
+    assert before.keys() == model.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
