@@ -10,9 +10,11 @@ so an epoch still has exactly the planned number of batches. Past ``max_skip_fra
 error naming the shard.
 
 Remote shards (any fsspec URL: ``https://``, ``s3://``...) are streamed through fsspec; ``pipe:`` commands and local
-files through webdataset. A transient read error (connection reset, timeout, HTTP 5xx/429) reopens the shard after
-a backoff and skips the samples already yielded from it, so the stream goes on at the sample it reached; a
-permanent one (404, 403, a corrupt tar) loses the rest of the shard, counted and named like a truncated shard.
+files through webdataset's ``gopen``. data/tar.py groups their tar members into samples as webdataset does, with less
+Python per member than its ``tarfile`` reader. A transient read error (connection reset, timeout, HTTP 5xx/429)
+reopens the shard after a backoff and skips the samples already yielded from it, so the stream goes on at the sample
+it reached; a permanent one (404, 403, a corrupt tar) loses the rest of the shard, counted and named like a truncated
+shard.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from medclip_train.data import tar
 from medclip_train.data.decode import IMAGE_EXTS, TEXT_EXTS, SampleError, decode_image, decode_meta, decode_text, pick
 from medclip_train.data.labels import LabelVocab, sample_labels
 from medclip_train.data.plan import (
@@ -211,10 +213,8 @@ class _SampleReader:
             failure: list[Exception] = []
             position, progressed = 0, False
             passes = self._read_shard(url, failure)
+            # At a read error the pass ends without the group it was gathering (it may be cut short); see data/tar.py.
             for sample in passes:
-                if failure:
-                    # The tar stream broke: this group may be cut short (group_by_keys flushes what it holds).
-                    break
                 if position >= done:
                     done += 1
                     progressed = True
@@ -245,22 +245,17 @@ class _SampleReader:
             time.sleep(wait)
 
     def _read_shard(self, url: str, failure: list[Exception]) -> Iterator[dict]:
-        """One pass over a shard's samples; the first read error is put in ``failure`` and ends the pass."""
-
-        def handler(exn: Exception) -> bool:
-            failure.append(exn)
-            return False  # stop this pass: _shard_samples decides between reopening and losing the rest
-
+        """One pass over a shard's samples (data/tar.py groups its files as webdataset does); the first read error
+        is put in ``failure`` and ends the pass: _shard_samples decides between reopening and losing the rest."""
         try:
             stream = _open_shard(url)
         except Exception as exn:  # noqa: BLE001 - classified by _transient, reported with the shard
             failure.append(exn)
             return
         try:
-            files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-            for sample in group_by_keys(files, handler=handler):
-                if sample:  # webdataset 1.x emits an empty end-of-shard marker
-                    yield sample
+            yield from tar.samples(stream, url)
+        except Exception as exn:  # noqa: BLE001 - a read error or a bad tar: classified by _transient
+            failure.append(exn)
         finally:
             try:
                 stream.close()
