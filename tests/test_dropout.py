@@ -87,3 +87,95 @@ def test_use_cpu_dropout_swaps_only_active_dropouts_and_keeps_the_state_dict():
     assert model[1].p == 0.1
     assert before.keys() == model.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _qkv(dtype, shape=(6, 4, 19, 16)):
+    torch.manual_seed(0)
+    return [torch.randn(shape).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def _padding_mask(batch=6, length=19):
+    keep = torch.ones(batch, 1, length, length, dtype=torch.bool)
+    keep[0, ..., 11:] = False
+    keep[3, ..., 4:] = False
+    return keep
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_math_attention_is_torchs_math_kernel_bit_for_bit(autocast, float_mask):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from medclip_train.model.dropout import math_attention
+
+    q, k, v = _qkv(torch.bfloat16 if autocast else torch.float32)
+    mask = _padding_mask()
+    if float_mask:
+        mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        out = math_attention(q, k, v, mask, scale=0.3)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    grad = torch.randn_like(ref)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert torch.equal(ours, theirs)
+
+
+def test_math_attention_drops_probabilities_as_torchs_kernel_with_the_same_mask():
+    from medclip_train.model.dropout import math_attention
+
+    q, k, v = _qkv(torch.float32)
+    mask, p = _padding_mask(), 0.25
+    torch.manual_seed(7)
+    out = math_attention(q, k, v, mask, dropout_p=p, scale=0.3)
+    torch.manual_seed(7)
+    kept = torch.from_numpy(keep_mask(6 * 4 * 19 * 19, 1 - p)).view(6, 4, 19, 19)
+    # torch's math kernel takes an explicit dropout mask (for testing its fused kernels); it scales v instead of the
+    # probabilities, so the two agree to rounding.
+    float_mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))  # what F.sdpa passes it for a bool mask
+    ref, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, float_mask, p, False, kept, scale=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, math_attention(q, k, v, mask, scale=0.3), atol=1e-3)
+
+
+def _tiny_bert(tmp_path, attention_dropout):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=attention_dropout,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return BertModel(config)
+
+
+def test_a_bert_tower_uses_it_in_training_with_its_padding_mask(tmp_path):
+    import copy
+
+    from medclip_train.model.dropout import CPU_SDPA
+
+    # A dropout rate so small that no probability is dropped and 1 / (1 - p) is 1.0 in fp32: the tower must then
+    # give what transformers' own sdpa gives without dropout, padding mask included (a dropped mask changes rows
+    # 0 and 3 by far more than the tolerance).
+    bert = _tiny_bert(tmp_path, attention_dropout=1e-9).train()
+    reference = copy.deepcopy(bert).eval()
+    assert use_cpu_dropout(bert) == 3  # the two attention layers' dropout modules and the tower
+    assert bert.config._attn_implementation == CPU_SDPA
+    ids = torch.randint(1, 64, (5, 13))
+    attention = torch.ones_like(ids)
+    attention[0, 7:] = 0
+    attention[3, 2:] = 0
+    out = bert(input_ids=ids, attention_mask=attention).last_hidden_state
+    ref = reference(input_ids=ids, attention_mask=attention).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    bert.config.attention_probs_dropout_prob = 0.5
+    for layer in bert.encoder.layer:
+        layer.attention.self.dropout.p = 0.5
+    assert not torch.allclose(bert(input_ids=ids, attention_mask=attention).last_hidden_state, ref, atol=1e-2)
