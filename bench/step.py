@@ -4,7 +4,7 @@
 ``bench_cpu_vit_tiny_bert_mini``, batch 32, 224 px, text length 75 = the mean trimmed batch length, bf16 autocast)
 on random inputs, once per variant, each in a fresh process, variants alternating over ``--repeats``:
 
-* ``default``: what ``train.py`` does on CPU: timm's explicit attention, fused AdamW;
+* ``default``: what ``train.py`` does on CPU: timm's explicit attention, ``CPUDropout`` masks, fused AdamW;
 * ``sdpa``: timm's fused scaled-dot-product attention instead;
 * ``foreach-adamw``: AdamW with ``foreach=True`` instead of ``fused=True``;
 * ``channels-last``: model and images in channels-last memory format;
@@ -17,7 +17,13 @@ on random inputs, once per variant, each in a fresh process, variants alternatin
 * ``compile-loss``: ``torch.compile`` of the contrastive loss only;
 * ``text-dropout-0``: the text tower with ``hidden_dropout_prob`` and ``attention_probs_dropout_prob`` 0 (the bench
   model's BERT, like PubMedBERT, has 0.1; users choose it with ``--model.clip.text_model FOLDER`` whose
-  ``config.json`` says 0; timm's ViT has no dropout by default). Not the reference's numerics.
+  ``config.json`` says 0; timm's ViT has no dropout by default). Not the reference's numerics;
+* ``torch-dropout``: torch's ``nn.Dropout`` masks (``bernoulli_``) instead of ``CPUDropout``'s
+  (medclip_train/model/dropout.py): what the step did before.
+
+``--paired`` runs each variant and ``default`` in one process with their steps interleaved, and reports the ratio
+of their median steps: this machine's 10-15% drift between runs hides effects of a few percent, which pairing
+resolves (``default`` paired with a second copy of itself measures the method's own noise).
 
 It isolates the compute from the data pipeline: the gap between this rate and ``python -m bench train``'s is what
 the loader worker and Lightning cost.
@@ -52,21 +58,26 @@ VARIANTS = (
     "compile-towers",
     "compile-loss",
     "text-dropout-0",
+    "torch-dropout",
 )
 PRESET, BATCH, TEXT_LENGTH = "bench_cpu_vit_tiny_bert_mini", 32, 75
 
 
-def child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
+def build_step(variant: str, tokenizer: str):
+    """The model, inputs and one training step of ``variant``, each from the same seed (same initial weights)."""
     import torch
 
     from medclip_train.config import ModelConfig
     from medclip_train.losses import ContrastiveLoss
+    from medclip_train.model.dropout import use_cpu_dropout
     from medclip_train.model.factory import build_model, set_fused_attention
 
     torch.manual_seed(0)
     text_model = _no_dropout_text_config() if variant == "text-dropout-0" else None
     model = build_model(ModelConfig(preset=PRESET, tokenizer=tokenizer, text_model=text_model)).model.train()
     set_fused_attention(model, variant == "sdpa")
+    if variant != "torch-dropout":
+        use_cpu_dropout(model)
     images = torch.randn(BATCH, 3, 224, 224)
     text = torch.randint(5, 500, (BATCH, TEXT_LENGTH))
     if variant == "channels-last":
@@ -94,17 +105,51 @@ def child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _timed(step) -> float:
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
+
+
+def child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
+    step = build_step(variant, tokenizer)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return {"median_step_s": times[len(times) // 2], "warmup_s": first, "samples_per_s": BATCH / times[len(times) // 2]}
+    median = _median([_timed(step) for _ in range(steps)])
+    return {"median_step_s": median, "warmup_s": first, "samples_per_s": BATCH / median}
+
+
+def paired_child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
+    """``default`` and ``variant`` in one process, their steps interleaved (ABBA order), so that both see the same
+    machine: this virtual machine's speed drifts by 10-15% between runs minutes apart, more than most variants
+    change, while two models stepped in turn differ by 0.2% when they are the same (``--variants default``)."""
+    steps_of = {"default": build_step("default", tokenizer), variant: build_step(variant, tokenizer)}
+    if variant == "default":
+        steps_of = {"default": steps_of["default"], "default (second copy)": build_step("default", tokenizer)}
+    names = list(steps_of)
+    for _ in range(warmup):
+        for name in names:
+            steps_of[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(_timed(steps_of[name]))
+    base, other = (_median(times[name]) for name in names)
+    return {
+        "samples_per_s": BATCH / other,
+        "default_samples_per_s": BATCH / base,
+        "vs_default": base / other,
+        "median_step_s": other,
+    }
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _no_dropout_text_config() -> str:
@@ -123,12 +168,14 @@ def _no_dropout_text_config() -> str:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--child"]:
+    if argv[:1] in (["--child"], ["--paired-child"]):
         variant, tokenizer, steps, warmup = argv[1], argv[2], int(argv[3]), int(argv[4])
-        print("RESULT " + json.dumps(child(variant, tokenizer, steps, warmup)))
+        measure = child if argv[0] == "--child" else paired_child
+        print("RESULT " + json.dumps(measure(variant, tokenizer, steps, warmup)))
         return
     p = argparse.ArgumentParser(prog="python -m bench step", description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--paired", action="store_true", help="each variant interleaved with default in one process")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run (the median is reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
@@ -140,32 +187,51 @@ def main(argv: list[str]) -> None:
     wait_for_quiet(a.quiet_wait)
     rates = matmul_rates()
     runs: dict[str, list] = {v: [] for v in a.variants}
+    mode = "--paired-child" if a.paired else "--child"
     for _ in range(a.repeats):
         for v in a.variants:
             wait_for_quiet(a.quiet_wait)
-            cmd = [sys.executable, "-m", "bench", "step", "--child", v, data["tokenizer"], str(a.steps), str(a.warmup)]
+            cmd = [sys.executable, "-m", "bench", "step", mode, v, data["tokenizer"], str(a.steps), str(a.warmup)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
                 raise RuntimeError(f"variant {v} failed:\n{out.stderr[-3000:]}")
             runs[v].append(json.loads(lines[-1].removeprefix("RESULT ")))
             print(f"[bench] {v}: {runs[v][-1]['samples_per_s']:.2f} samples/s", flush=True)
-    base = mean([r["samples_per_s"] for r in runs[a.variants[0]]])
-    rows = [
-        [
-            v,
-            " / ".join(f"{r['samples_per_s']:.1f}" for r in runs[v]),
-            mean([r["samples_per_s"] for r in runs[v]]),
-            f"{mean([r['samples_per_s'] for r in runs[v]]) / base:.2f}x",
-            round(mean([r["warmup_s"] for r in runs[v]]), 1),
-        ]
-        for v in a.variants
-    ]
-    table = markdown_table(
-        ["variant", "samples/s per run", "mean samples/s", f"vs {a.variants[0]}", "first steps s"], rows
-    )
+    table = _paired_table(runs) if a.paired else _table(runs, a.variants[0])
     table += f"\n\nmatmul peak: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s"
     print(table)
     result = {"machine": machine, "command": "python -m bench step " + " ".join(argv), "settings": vars(a)}
     result.update({"matmul_gflops": rates, "runs": runs, "table": table})
     print(f"[bench] wrote {write_result(a.name, result)}")
+
+
+def _table(runs: dict[str, list], base_variant: str) -> str:
+    base = mean([r["samples_per_s"] for r in runs[base_variant]])
+    rows = [
+        [
+            v,
+            " / ".join(f"{r['samples_per_s']:.1f}" for r in results),
+            mean([r["samples_per_s"] for r in results]),
+            f"{mean([r['samples_per_s'] for r in results]) / base:.2f}x",
+            round(mean([r["warmup_s"] for r in results]), 1),
+        ]
+        for v, results in runs.items()
+    ]
+    headers = ["variant", "samples/s per run", "mean samples/s", f"vs {base_variant}", "first steps s"]
+    return markdown_table(headers, rows)
+
+
+def _paired_table(runs: dict[str, list]) -> str:
+    rows = [
+        [
+            v if v != "default" else "default (two copies: the method's noise)",
+            " / ".join(f"{r['samples_per_s']:.1f}" for r in results),
+            " / ".join(f"{r['default_samples_per_s']:.1f}" for r in results),
+            " / ".join(f"{r['vs_default']:.3f}" for r in results),
+            f"{mean([r['vs_default'] for r in results]):.3f}x",
+        ]
+        for v, results in runs.items()
+    ]
+    headers = ["variant", "samples/s per run", "default in the same runs", "vs default per run", "mean vs default"]
+    return markdown_table(headers, rows)
