@@ -112,6 +112,32 @@ def test_tokenize_gives_open_clips_ids(tokenizer, strip_sep):  # noqa: F811
 
     tokenizer.strip_sep_token = strip_sep
     captions = ["A  chest x-ray\nshows a nodule.", "short", " ".join(["effusion"] * 200), "CT  scan; left lobe (3 mm)."]
+    captions += [
+        "épanchement pleural, “curly” quotes\u00a0and ＦＵＬＬＷＩＤＴＨ",  # non-ASCII: ftfy's path
+        "âœ” mojibake &amp; entities &lt;b&gt; &amp;amp;",
+        "tabs\tand\r\nCRLF  line\rbreaks",
+        "control\x0bchars\x1fand\x7fDEL\x00",
+        "",
+        " \t ",
+        "[SEP] [CLS] special tokens as text",
+    ]
     expected = tokenizer(captions)
     got = tokenize(tokenizer, captions)
     assert got.dtype == expected.dtype == torch.int64 and torch.equal(got, expected)
+
+
+def test_plain_ascii_cleaning_is_open_clips():
+    """The tokenizer's shortcut past ftfy for plain ASCII gives open_clip's whitespace cleaning, on random ASCII
+    (control characters, entities and line breaks included) and on every single character."""
+    import random
+
+    from open_clip.tokenizer import get_clean_fn
+
+    from medclip_train.data.decode import _clean
+
+    reference = get_clean_fn("whitespace")
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(128)] + ["&amp;", "&lt;", "&#39;", "\r\n", "  ", "é", "\u2028"]
+    texts = [chr(i) for i in range(256)] + ["".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(3000)]
+    texts += ["".join(rng.choices(alphabet[32:127], k=rng.randint(0, 40))) for _ in range(2000)]  # mostly the fast path
+    assert [_clean(t) for t in texts] == [reference(t) for t in texts]
