@@ -220,8 +220,11 @@ class WebDataModule(L.LightningDataModule):
     # ---- loaders -------------------------------------------------------------------------------------------------
     def _spec(self, urls, sizes, train: bool, batch_size: int) -> StreamSpec:
         cfg = PreprocessCfg(**{k: v for k, v in self.preprocess_cfg.items() if k in PreprocessCfg.__annotations__})
-        # uint8 pixels leave the workers; the model side normalises them (see data/pixels.py).
-        transform = pixels_transform(image_transform_v2(cfg, is_train=train, aug_cfg=self.aug_cfg if train else None))
+        # uint8 pixels leave the workers; the model side normalises them. The transform stops at the PIL image, which
+        # the stream's stack_pixels copies into the batch (see data/pixels.py).
+        transform = pixels_transform(
+            image_transform_v2(cfg, is_train=train, aug_cfg=self.aug_cfg if train else None), tensor=False
+        )
         size = cfg.size if isinstance(cfg.size, int) else max(cfg.size)
         return StreamSpec(
             urls=urls,

@@ -7,8 +7,9 @@ host competes with the training threads. Here the workers stop at the resized/cr
 
 The worker's own per-sample Python is kept small (``python -m bench data`` compares it with the raw JPEG decode
 limit): the random crop draws its parameters with one RNG call per try instead of torchvision's eight tensor ops,
-and ``stack_pixels`` forms the batch with numpy (a transposing copy that ``torch.stack`` of channel-first views does
-3-5x slower on one thread) straight into shared memory.
+and the training stream's transform stops at the PIL image, which ``stack_pixels`` copies once, transposing it to
+channel-first, straight into the shared-memory batch (``PILToTensor`` would copy it first, and ``torch.stack`` of
+channel-first views does the transposing copy 3-5x slower on one thread).
 """
 
 from __future__ import annotations
@@ -69,15 +70,19 @@ class RandomResizedCropPIL(torch.nn.Module):
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, {self.interpolation})"
 
 
-def pixels_transform(transform: transforms.Compose) -> transforms.Compose:
+def pixels_transform(transform: transforms.Compose, tensor: bool = True) -> transforms.Compose:
     """open_clip's ``image_transform_v2`` with its ToTensor + Normalize tail replaced by a uint8 CHW tensor, and its
-    ``RandomResizedCrop`` (train) by :class:`RandomResizedCropPIL` (the same crops, less Python per sample)."""
+    ``RandomResizedCrop`` (train) by :class:`RandomResizedCropPIL` (the same crops, less Python per sample).
+
+    ``tensor=False``: no tail at all; the transform returns the resized/cropped PIL image, for ``stack_pixels`` to copy
+    into the batch (the same pixels as stacking the tensors, one copy fewer).
+    """
     steps = list(transform.transforms)
     names = [type(t).__name__ for t in steps[-2:]]
     if names != ["MaybeToTensor", "Normalize"] and names != ["ToTensor", "Normalize"]:
         raise ValueError(f"unexpected image transform tail {names}: expected ToTensor, Normalize")
     steps = [_fast(t) for t in steps[:-2]]
-    return transforms.Compose([*steps, transforms.PILToTensor()])
+    return transforms.Compose([*steps, transforms.PILToTensor()] if tensor else steps)
 
 
 def _fast(step):
@@ -87,25 +92,46 @@ def _fast(step):
     return step
 
 
-def stack_pixels(images: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(images)`` of the worker's (C, H, W) pixel tensors, faster and into shared memory.
+def stack_pixels(images: list) -> torch.Tensor:
+    """``torch.stack`` of the worker's (C, H, W) pixel tensors, or of ``PILToTensor`` of its PIL images; faster, and
+    into shared memory.
 
-    ``PILToTensor`` returns a channel-first view of the image's (H, W, C) pixels, so stacking is a transposing copy;
-    numpy does it several times faster than ``torch.stack`` on one thread (0.03 vs 0.15-0.2 ms per 224 px sample).
-    In a loader worker the batch is written into a new shared-memory block, as ``default_collate`` does, instead of
-    being copied there when it is sent to the main process.
+    A PIL image is read through ``np.asarray`` (a view of its bytes) and copied once, transposed to channel-first,
+    into its slot of the batch. ``PILToTensor`` returns a channel-first view of the image's (H, W, C) pixels, so
+    stacking tensors is a transposing copy too; numpy does it several times faster than ``torch.stack`` on one thread
+    (0.03 vs 0.15-0.2 ms per 224 px sample). In a loader worker the batch is written into a new shared-memory block, as
+    ``default_collate`` does, instead of being copied there when it is sent to the main process.
     """
-    from torch.utils.data import get_worker_info
+    from PIL import Image
 
+    if isinstance(images[0], Image.Image):
+        arrays = [_hwc(image) for image in images]
+        height, width, channels = arrays[0].shape
+        out = _batch((len(arrays), channels, height, width), torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype)
+        pixels = out.numpy()
+        for i, array in enumerate(arrays):
+            pixels[i] = array.transpose(2, 0, 1)
+        return out
     first = images[0]
-    shape = (len(images), *first.shape)
-    if get_worker_info() is not None:
-        storage = first._typed_storage()._new_shared(math.prod(shape), device=first.device)
-        out = first.new(storage).resize_(shape)
-    else:
-        out = torch.empty(shape, dtype=first.dtype)
+    out = _batch((len(images), *first.shape), first.dtype, first.device)
     np.stack([im.numpy() for im in images], out=out.numpy())
     return out
+
+
+def _hwc(image) -> np.ndarray:
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array  # one band (L, I;16...): PILToTensor gives it C = 1
+
+
+def _batch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised tensor; in a loader worker, in a new shared-memory block (as default_collate allocates)."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    proto = torch.empty(0, dtype=dtype, device=device)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).resize_(shape)
 
 
 def normalize_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:

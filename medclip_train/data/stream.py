@@ -376,7 +376,8 @@ class _SampleReader:
             yield self._collate(items)
 
     def _collate(self, items: list[tuple]) -> dict:
-        # Both are what torch.stack and self.s.tokenizer(captions) return, with less per-sample Python (see them).
+        # What torch.stack of the PILToTensor pixels and self.s.tokenizer(captions) return, with less per-sample
+        # Python (see them): the transform hands on PIL images (pixels_transform(tensor=False) in datamodule).
         from medclip_train.data.decode import tokenize
         from medclip_train.data.pixels import stack_pixels
 

@@ -105,6 +105,50 @@ def test_stack_pixels_equals_torch_stack_in_and_out_of_a_worker():
     assert torch.equal(batch["stacked"], batch["expected"]) and batch["stacked"].is_contiguous()
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_stack_pixels_of_pil_images_equals_stacked_pil_to_tensor_in_and_out_of_a_worker(mode):
+    """The training stream hands stack_pixels PIL images: one copy each into the batch, the same pixels as
+    torch.stack of torchvision's PILToTensor, also into a worker's shared memory."""
+    from torch.utils.data import DataLoader, IterableDataset
+    from torchvision.transforms import PILToTensor
+
+    from medclip_train.data.pixels import stack_pixels
+
+    gen = torch.Generator().manual_seed(0)
+    images = [
+        Image.fromarray(torch.randint(0, 256, (20, 30, 3), dtype=torch.uint8, generator=gen).numpy()).convert(mode)
+        for _ in range(5)
+    ]
+    expected = torch.stack([PILToTensor()(im) for im in images])
+    got = stack_pixels(images)
+    assert got.dtype == torch.uint8 and got.shape == expected.shape and torch.equal(got, expected)
+
+    class Batches(IterableDataset):
+        def __iter__(self):
+            yield {"stacked": stack_pixels(images), "shared": stack_pixels(images).is_shared()}
+
+    batch = next(iter(DataLoader(Batches(), batch_size=None, num_workers=1)))
+    assert torch.equal(batch["stacked"], expected) and batch["stacked"].is_contiguous() and batch["shared"]
+
+
+def test_pil_output_transform_gives_the_tensor_transforms_pixels():
+    """pixels_transform(tensor=False) + stack_pixels == pixels_transform() + torch.stack, random crops included."""
+    from open_clip.transform import AugmentationCfg
+
+    from medclip_train.data.pixels import stack_pixels
+
+    cfg = PreprocessCfg(size=48, interpolation="bicubic", resize_mode="shortest")
+    train = image_transform_v2(cfg, is_train=True, aug_cfg=AugmentationCfg(scale=(0.3, 1.0)))
+    gen = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 256, (70, 90, 3), dtype=torch.uint8, generator=gen).numpy())] * 6
+    state = torch.get_rng_state()
+    expected = torch.stack([pixels_transform(train)(im) for im in images])
+    torch.set_rng_state(state)
+    pils = [pixels_transform(train, tensor=False)(im) for im in images]
+    assert all(isinstance(p, Image.Image) for p in pils)
+    assert torch.equal(stack_pixels(pils), expected)
+
+
 @pytest.mark.parametrize("strip_sep", [False, True])
 def test_tokenize_gives_open_clips_ids(tokenizer, strip_sep):  # noqa: F811
     """The batch tokenizer of the loader == open_clip's HFTokenizer, truncation and sep stripping included."""
