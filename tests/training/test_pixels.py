@@ -185,3 +185,19 @@ def test_plain_ascii_cleaning_is_open_clips():
     texts = [chr(i) for i in range(256)] + ["".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(3000)]
     texts += ["".join(rng.choices(alphabet[32:127], k=rng.randint(0, 40))) for _ in range(2000)]  # mostly the fast path
     assert [_clean(t) for t in texts] == [reference(t) for t in texts]
+
+
+def test_convert_mode_without_copy_gives_open_clips_pixels():
+    from open_clip.transform import MaybeConvertMode
+
+    from medclip_train.data.pixels import ConvertModePIL, _fast
+
+    step = _fast(MaybeConvertMode("RGB"))
+    assert isinstance(step, ConvertModePIL)
+    rgb = Image.new("RGB", (9, 7), (10, 200, 30))
+    assert step(rgb) is rgb, "no copy of an image already in the mode"
+    for image in (rgb, rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("P"), rgb.convert("CMYK")):
+        got, expected = step(image), MaybeConvertMode("RGB")(image)
+        assert got.mode == expected.mode == "RGB" and got.tobytes() == expected.tobytes()
+    array = torch.zeros(3, 2, 2)
+    assert step(array) is array
