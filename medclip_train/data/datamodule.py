@@ -29,7 +29,7 @@ from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_
 from torch.utils.data import DataLoader
 
 from medclip_train.data.labels import LabelVocab
-from medclip_train.data.pixels import pixels_transform
+from medclip_train.data.pixels import PixelSlots, pixels_transform
 from medclip_train.data.plan import EpochPart
 from medclip_train.data.position import PLAN_VERSION, finished_epoch_moved_on, old_plan_message
 from medclip_train.data.sources import ShardSource, check_local_shards_exist, read_label_counts, shard_sizes
@@ -38,6 +38,9 @@ from medclip_train.distributed import world_info
 
 log = logging.getLogger(__name__)
 SHUFFLE_INITIAL = StreamSpec.shuffle_initial
+PIXEL_SLOTS_HELD = 3
+"""Pixel batches the main process may hold beside a worker's prefetched ones: Lightning's one-batch lookahead, the
+batch in the step, and one the loop has not dropped yet. More held only costs a new block (data/pixels.py)."""
 
 
 class StreamLoader(DataLoader):
@@ -60,7 +63,11 @@ class StreamLoader(DataLoader):
             spec.restarts = self._state["restarts"]
         spec.world = self.world or world_info()
         self.dataset.remaining()  # computed here, once, and handed to every worker with the spec
-        return super().__iter__()
+        # With pinned memory the pin thread copies each batch and drops its pixels unseen by released(): no slots.
+        reuse = self.num_workers > 0 and not self.pin_memory
+        spec.pixel_slots = PixelSlots(self.num_workers, self.prefetch_factor + PIXEL_SLOTS_HELD) if reuse else None
+        batches = super().__iter__()
+        return spec.pixel_slots.released(batches) if reuse else batches
 
     def __len__(self) -> int:
         # The whole epoch, also after a resume: Lightning restores its own count of the batches already done in

@@ -33,6 +33,7 @@ from webdataset.gopen import gopen
 from medclip_train.data import tar
 from medclip_train.data.decode import IMAGE_EXTS, TEXT_EXTS, SampleError, decode_image, decode_meta, decode_text, pick
 from medclip_train.data.labels import LabelVocab, sample_labels
+from medclip_train.data.pixels import PixelSlots
 from medclip_train.data.plan import (
     EpochPart,
     consumed_per_worker,
@@ -95,6 +96,8 @@ class StreamSpec:
     restarts: int = 0
     num_workers: int = 1
     world: tuple[int, int] = field(default_factory=lambda: (0, 1))
+    pixel_slots: PixelSlots | None = None
+    """Reused shared-memory pixel batches of the workers (set per iteration by the loader; data/pixels.py)."""
 
 
 class ShardStream(IterableDataset):
@@ -379,9 +382,17 @@ class _SampleReader:
         # What torch.stack of the PILToTensor pixels and self.s.tokenizer(captions) return, with less per-sample
         # Python (see them): the transform hands on PIL images (pixels_transform(tensor=False) in datamodule).
         from medclip_train.data.decode import tokenize
-        from medclip_train.data.pixels import stack_pixels
+        from medclip_train.data.pixels import SLOT_KEY, stack_pixels
 
-        images = stack_pixels([it[0] for it in items])
+        slot = None
+
+        def allocate(shape, dtype):
+            nonlocal slot
+            block, slot = self.s.pixel_slots.take(self.worker_id, shape, dtype)
+            return block
+
+        in_worker = self.s.pixel_slots is not None and get_worker_info() is not None
+        images = stack_pixels([it[0] for it in items], allocate if in_worker else None)
         text = tokenize(self.s.tokenizer, [it[1] for it in items])
         # A caption whose ids reach the last position of the padded context was cut (or fits it exactly).
         at_context = int((text[:, -1] != self.s.pad_token_id).sum())
@@ -398,6 +409,8 @@ class _SampleReader:
             "read_retries": torch.tensor(self.retries_since_batch),
             "captions_at_context": torch.tensor(at_context),
         }
+        if slot is not None:
+            batch[SLOT_KEY] = (self.worker_id, slot)
         self.skipped_since_batch = 0
         self.retries_since_batch = 0
         if items[0][2] is not None:

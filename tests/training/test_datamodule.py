@@ -333,3 +333,41 @@ def test_the_data_module_keeps_its_position_in_a_plain_trainer(tmp_path, tiny_to
     assert [c.data for c in trainer.callbacks if isinstance(c, StreamPosition)] == [dm]
     position = {"epoch": 1, "batches_in_epoch": 1, "samples_in_epoch": 4, "samples_in_epoch_all_ranks": 4}
     assert dm.stream_state == {**position, "restarts": 0, "parts": []}
+
+
+def _val_pixels(tokenizer, pattern, workers, hold: bool):
+    """The validation epoch's pixels by key (a deterministic transform, so any worker layout gives the same), the
+    shared-memory inode of each batch's pixels, and the loader."""
+    import os
+
+    dm = make_dm(tokenizer, pattern, val=pattern, num_workers=workers, prefetch_factor=2)
+    loader = dm.val_dataloader()
+    loader.world = (0, 1)
+    pixels, inodes, held = {}, [], []
+    for batch in loader:
+        if workers:
+            fd, _ = batch["image"].untyped_storage()._share_fd_cpu_()  # the block the worker sent it in
+            inodes.append(os.fstat(fd).st_ino)
+        if hold:
+            held.append(batch)
+        else:
+            pixels.update({key: image.clone() for key, image in zip(batch["key"], batch["image"])})
+        del batch
+    for batch in held:  # read only now: a block reused while held would show another batch's pixels
+        pixels.update({key: image.clone() for key, image in zip(batch["key"], batch["image"])})
+    return pixels, inodes, loader
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_workers_reuse_pixel_blocks_the_main_process_dropped_and_never_one_it_holds(tmp_path, tokenizer, hold):
+    pattern = shard_pattern(make_shards(tmp_path, [48, 48]))
+    reference, _, _ = _val_pixels(tokenizer, pattern, workers=0, hold=False)
+    pixels, inodes, loader = _val_pixels(tokenizer, pattern, workers=2, hold=hold)
+    assert pixels.keys() == reference.keys() and len(reference) == 96
+    assert all(torch.equal(pixels[key], reference[key]) for key in reference)
+    slots = loader.dataset.spec.pixel_slots.busy.shape[1]
+    assert len(inodes) == 24 > 2 * slots
+    if hold:  # every batch is still held: no block may be reused
+        assert len(set(inodes)) == len(inodes)
+    else:  # dropped batches: the workers cycle through their slots
+        assert len(set(inodes)) <= 2 * slots
