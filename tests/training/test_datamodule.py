@@ -371,3 +371,32 @@ def test_workers_reuse_pixel_blocks_the_main_process_dropped_and_never_one_it_ho
         assert len(set(inodes)) == len(inodes)
     else:  # dropped batches: the workers cycle through their slots
         assert len(set(inodes)) <= 2 * slots
+
+
+@pytest.mark.parametrize(("priority", "policy"), [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER"), ("auto", None)])
+def test_loader_workers_run_at_the_scheduling_class_asked(tmp_path, tokenizer, priority, policy):
+    import os
+
+    pattern = shard_pattern(make_shards(tmp_path, [8]))
+    loader = make_dm(tokenizer, pattern, num_workers=1, worker_priority=priority).train_dataloader()
+    loader.world = (0, 1)
+    before = _children()
+    batches = iter(loader)
+    next(batches)  # the worker has run its init
+    (worker,) = _children() - before
+    # auto: idle on a machine without CUDA (this one), where the workers share the cores with the training threads.
+    expected = policy or ("SCHED_OTHER" if torch.cuda.is_available() else "SCHED_IDLE")
+    assert os.sched_getscheduler(worker) == getattr(os, expected)
+    del batches
+
+
+def _children() -> set[int]:
+    from pathlib import Path
+
+    tasks = Path("/proc/self/task").iterdir()
+    return {int(pid) for task in tasks for pid in (task / "children").read_text().split()}
+
+
+def test_an_unknown_worker_priority_is_one_line_naming_the_flag(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="data.worker_priority must be 'auto', 'idle' or 'normal', got 'low'"):
+        WebDataModule(train="x-{000000..000001}.tar", worker_priority="low")
