@@ -128,9 +128,8 @@ def paired_child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
     """``default`` and ``variant`` in one process, their steps interleaved (ABBA order), so that both see the same
     machine: this virtual machine's speed drifts by 10-15% between runs minutes apart, more than most variants
     change, while two models stepped in turn differ by 0.2% when they are the same (``--variants default``)."""
-    steps_of = {"default": build_step("default", tokenizer), variant: build_step(variant, tokenizer)}
-    if variant == "default":
-        steps_of = {"default": steps_of["default"], "default (second copy)": build_step("default", tokenizer)}
+    other = variant if variant != "default" else "default (second copy)"
+    steps_of = {"default": build_step("default", tokenizer), other: build_step(variant, tokenizer)}
     names = list(steps_of)
     for _ in range(warmup):
         for name in names:

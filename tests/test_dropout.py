@@ -23,7 +23,6 @@ def test_each_element_is_kept_with_the_exact_probability(keep):
 
 def test_the_tie_draw_decides_the_threshold_byte():
     # keep = 230.5 / 256: the byte 230 (1 in 256) is kept half the time, bytes below always, above never.
-    torch.manual_seed(1)
     keep = 230.5 / 256
     gen = torch.Generator().manual_seed(3)
     words = torch.empty((1_000_000 + 7) // 8, dtype=torch.int64).random_(-(2**63), 2**63 - 1, generator=gen)
@@ -139,7 +138,7 @@ def test_math_attention_drops_probabilities_as_torchs_kernel_with_the_same_mask(
     assert not torch.allclose(out, math_attention(q, k, v, mask, scale=0.3), atol=1e-3)
 
 
-def _tiny_bert(tmp_path, attention_dropout):
+def _tiny_bert(attention_dropout):
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -156,7 +155,7 @@ def _tiny_bert(tmp_path, attention_dropout):
     return BertModel(config)
 
 
-def test_a_bert_tower_uses_it_in_training_with_its_padding_mask(tmp_path):
+def test_a_bert_tower_uses_it_in_training_with_its_padding_mask():
     import copy
 
     from medclip_train.model.dropout import CPU_SDPA
@@ -164,7 +163,7 @@ def test_a_bert_tower_uses_it_in_training_with_its_padding_mask(tmp_path):
     # A dropout rate so small that no probability is dropped and 1 / (1 - p) is 1.0 in fp32: the tower must then
     # give what transformers' own sdpa gives without dropout, padding mask included (a dropped mask changes rows
     # 0 and 3 by far more than the tolerance).
-    bert = _tiny_bert(tmp_path, attention_dropout=1e-9).train()
+    bert = _tiny_bert(attention_dropout=1e-9).train()
     reference = copy.deepcopy(bert).eval()
     assert use_cpu_dropout(bert) == 3  # the two attention layers' dropout modules and the tower
     assert bert.config._attn_implementation == CPU_SDPA

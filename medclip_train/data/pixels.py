@@ -19,6 +19,7 @@ import weakref
 
 import numpy as np
 import torch
+from open_clip.transform import MaybeConvertMode
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms.functional import InterpolationMode, pil_modes_mapping
@@ -108,7 +109,7 @@ def _fast(step):
     # type() is, not isinstance: a subclass may draw its crops differently. Modes PIL cannot resize with stay.
     if type(step) is transforms.RandomResizedCrop and step.interpolation != InterpolationMode.NEAREST_EXACT:
         return RandomResizedCropPIL(step)
-    if type(step).__name__ == "MaybeConvertMode" and type(step).__module__ == "open_clip.transform":
+    if type(step) is MaybeConvertMode:
         return ConvertModePIL(step.mode)
     return step
 
@@ -174,8 +175,8 @@ class PixelSlots:
     def __getstate__(self) -> dict:
         return {"busy": self.busy, "_blocks": {}}
 
-    def take(self, worker: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, int | None]:
-        """A batch tensor for ``worker``: a free slot's block (marked busy) and its number, else a new block, None."""
+    def take(self, worker: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A batch tensor for ``worker``: a free slot's block (marked busy), else a new block outside the slots."""
         busy = self.busy[worker].numpy()
         for slot in range(len(busy)):
             block = self._blocks.get(slot)
@@ -184,8 +185,12 @@ class PixelSlots:
             if block is None:
                 block = self._blocks[slot] = _batch(shape, dtype)
             busy[slot] = 1
-            return block, slot
-        return _batch(shape, dtype), None
+            return block
+        return _batch(shape, dtype)
+
+    def slot_of(self, block: torch.Tensor) -> int | None:
+        """The slot ``block`` came from (worker side); None for a block made outside the slots."""
+        return next((slot for slot, mine in self._blocks.items() if mine is block), None)
 
     def released(self, batches):
         """The loader's batches, each slot freed when its pixels are dropped (main process)."""

@@ -19,6 +19,7 @@ shard.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -384,15 +385,10 @@ class _SampleReader:
         from medclip_train.data.decode import tokenize
         from medclip_train.data.pixels import SLOT_KEY, stack_pixels
 
-        slot = None
-
-        def allocate(shape, dtype):
-            nonlocal slot
-            block, slot = self.s.pixel_slots.take(self.worker_id, shape, dtype)
-            return block
-
-        in_worker = self.s.pixel_slots is not None and get_worker_info() is not None
-        images = stack_pixels([it[0] for it in items], allocate if in_worker else None)
+        slots = self.s.pixel_slots if get_worker_info() is not None else None
+        allocate = functools.partial(slots.take, self.worker_id) if slots is not None else None
+        images = stack_pixels([it[0] for it in items], allocate)
+        slot = slots.slot_of(images) if slots is not None else None
         text = tokenize(self.s.tokenizer, [it[1] for it in items])
         # A caption whose ids reach the last position of the padded context was cut (or fits it exactly).
         at_context = int((text[:, -1] != self.s.pad_token_id).sum())

@@ -80,7 +80,7 @@ def samples(stream: BinaryIO, url: str) -> Iterator[dict]:
                 continue
             key, suffix = match.group(1), match.group(2).lower()
             if held is None or key != held["__key__"]:
-                if held is not None and not held.get("__bad__", False):
+                if held is not None:
                     yield held
                 held = {"__key__": key, "__url__": url}
             if suffix in held:
@@ -88,10 +88,10 @@ def samples(stream: BinaryIO, url: str) -> Iterator[dict]:
             held[suffix] = data
     except TarHeaderError:
         # tarfile would end the archive here and webdataset hand on the group it holds; so do we, then report.
-        if held is not None and not held.get("__bad__", False):
+        if held is not None:
             yield held
         raise
-    if held is not None and not held.get("__bad__", False):
+    if held is not None:
         yield held
 
 

@@ -69,9 +69,8 @@ class CPUDropout(torch.nn.Dropout):
     """``torch.nn.Dropout`` whose CPU training masks come from :func:`keep_mask` (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and x.numel()):
-            return super().forward(x)
-        if self.inplace or torch.compiler.is_compiling():
+        ours = self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and x.numel() > 0 and not self.inplace
+        if not ours or torch.compiler.is_compiling():
             return super().forward(x)
         return cpu_dropout(x, self.p)
 
