@@ -218,6 +218,27 @@ def matmul_rates(sizes: tuple[int, ...] = (2048, 4096), seconds: float = 1.5) ->
     return rates
 
 
+def gpu_matmul_rates(n: int = 8192, repeats: int = 20) -> dict:
+    """``torch.mm`` rate on the GPU in GFLOP/s: bf16, and fp32 with TF32 off (the best of ``repeats``)."""
+    import torch
+
+    rates = {}
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        a, b = torch.randn(n, n, dtype=dtype, device="cuda"), torch.randn(n, n, dtype=dtype, device="cuda")
+        torch.mm(a, b)
+        best = 0.0
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            end.synchronize()
+            best = max(best, 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e9)
+        rates[name] = round(best, 1)
+    return rates
+
+
 # ---- memory of a process tree --------------------------------------------------------------------------------------
 def _children(pid: int) -> list[int]:
     try:

@@ -31,6 +31,7 @@ from bench.common import (
     alternate,
     check_anchor_python,
     ensure_bench_data,
+    gpu_matmul_rates,
     machine_info,
     markdown_table,
     mean,
@@ -85,27 +86,6 @@ class GpuMemory:
     @property
     def peak_mib(self) -> float:
         return self.peak - self.base
-
-
-def gpu_matmul_rates(n: int = 8192, repeats: int = 20) -> dict:
-    """``torch.mm`` rate on the GPU in GFLOP/s: bf16, and fp32 with TF32 off (the best of ``repeats``)."""
-    import torch
-
-    rates = {}
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        torch.backends.cuda.matmul.allow_tf32 = False
-        a, b = torch.randn(n, n, dtype=dtype, device="cuda"), torch.randn(n, n, dtype=dtype, device="cuda")
-        torch.mm(a, b)
-        best = 0.0
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.mm(a, b)
-            end.record()
-            end.synchronize()
-            best = max(best, 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e9)
-        rates[name] = round(best, 1)
-    return rates
 
 
 def _parser() -> argparse.ArgumentParser:

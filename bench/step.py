@@ -27,6 +27,13 @@ resolves (``default`` paired with a second copy of itself measures the method's 
 
 It isolates the compute from the data pipeline: the gap between this rate and ``python -m bench train``'s is what
 the loader worker and Lightning cost.
+
+``--device cuda`` times the step on the GPU (``torch.cuda.synchronize`` after each step) as ``train.py`` runs it
+there: timm's fused attention and torch's dropout kept, so ``sdpa`` and ``torch-dropout`` are ``default`` and are
+refused. ``--preset``, ``--text-model``, ``--batch-size`` and ``--text-length`` choose the model and inputs (on a
+GPU: the BiomedCLIP preset with ``builtin:pubmedbert-base`` at batch 256, text length 80 = ``bench gpu``'s mean
+trimmed length); ``--tokenizer`` a tokenizer folder instead of the bench data's (written first when missing; the
+step needs no images).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import time
 
 from bench.common import (
     ensure_bench_data,
+    gpu_matmul_rates,
     machine_info,
     markdown_table,
     matmul_rates,
@@ -61,25 +69,34 @@ VARIANTS = (
     "torch-dropout",
 )
 PRESET, BATCH, TEXT_LENGTH = "bench_cpu_vit_tiny_bert_mini", 32, 75
+CPU_ONLY = ("sdpa", "torch-dropout")  # CPU changes of the default step; on CUDA these are the default
 
 
-def build_step(variant: str, tokenizer: str):
-    """The model, inputs and one training step of ``variant``, each from the same seed (same initial weights)."""
+def build_step(variant: str, setup: dict):
+    """The model, inputs and one training step of ``variant``, each from the same seed (same initial weights).
+
+    ``setup``: ``device``, ``preset``, ``text_model``, ``batch``, ``text_length``, ``tokenizer`` (see ``main``).
+    """
     import torch
 
     from medclip_train.config import ModelConfig
     from medclip_train.losses import ContrastiveLoss
     from medclip_train.model.dropout import use_cpu_dropout
     from medclip_train.model.factory import build_model, set_fused_attention
+    from medclip_train.presets import get_preset
 
+    device, preset, batch = setup["device"], setup["preset"], setup["batch"]
     torch.manual_seed(0)
-    text_model = _no_dropout_text_config() if variant == "text-dropout-0" else None
-    model = build_model(ModelConfig(preset=PRESET, tokenizer=tokenizer, text_model=text_model)).model.train()
-    set_fused_attention(model, variant == "sdpa")
-    if variant != "torch-dropout":
-        use_cpu_dropout(model)
-    images = torch.randn(BATCH, 3, 224, 224)
-    text = torch.randint(5, 500, (BATCH, TEXT_LENGTH))
+    text_model = _no_dropout_text_config(setup) if variant == "text-dropout-0" else setup.get("text_model")
+    config = ModelConfig(preset=preset, tokenizer=setup["tokenizer"], text_model=text_model)
+    model = build_model(config).model.train().to(device)
+    if device == "cpu":  # what CLIPModule.on_fit_start does on CPU
+        set_fused_attention(model, variant == "sdpa")
+        if variant != "torch-dropout":
+            use_cpu_dropout(model)
+    size = get_preset(preset)["model_cfg"]["vision_cfg"]["image_size"]
+    images = torch.randn(batch, 3, size, size, device=device)
+    text = torch.randint(5, 500, (batch, setup["text_length"]), device=device)
     if variant == "channels-last":
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -94,7 +111,7 @@ def build_step(variant: str, tokenizer: str):
     loss_fn = torch.compile(ContrastiveLoss()) if variant == "compile-loss" else ContrastiveLoss()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not pure):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=not pure):
             f = forward(images, text)
             loss = loss_fn(f)["loss"]
             if variant == "backward-under-autocast":
@@ -104,6 +121,8 @@ def build_step(variant: str, tokenizer: str):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device == "cuda":  # the host clock times the GPU's work, not the queueing of it
+            torch.cuda.synchronize()
 
     return step
 
@@ -114,22 +133,22 @@ def _timed(step) -> float:
     return time.perf_counter() - t
 
 
-def child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
-    step = build_step(variant, tokenizer)
+def child(variant: str, setup: dict, steps: int, warmup: int) -> dict:
+    step = build_step(variant, setup)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     first = time.perf_counter() - t0
     median = _median([_timed(step) for _ in range(steps)])
-    return {"median_step_s": median, "warmup_s": first, "samples_per_s": BATCH / median}
+    return {"median_step_s": median, "warmup_s": first, "samples_per_s": setup["batch"] / median}
 
 
-def paired_child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
+def paired_child(variant: str, setup: dict, steps: int, warmup: int) -> dict:
     """``default`` and ``variant`` in one process, their steps interleaved (ABBA order), so that both see the same
     machine: this virtual machine's speed drifts by 10-15% between runs minutes apart, more than most variants
     change, while two models stepped in turn differ by 0.2% when they are the same (``--variants default``)."""
     other = variant if variant != "default" else "default (second copy)"
-    steps_of = {"default": build_step("default", tokenizer), other: build_step(variant, tokenizer)}
+    steps_of = {"default": build_step("default", setup), other: build_step(variant, setup)}
     names = list(steps_of)
     for _ in range(warmup):
         for name in names:
@@ -140,8 +159,8 @@ def paired_child(variant: str, tokenizer: str, steps: int, warmup: int) -> dict:
             times[name].append(_timed(steps_of[name]))
     base, other = (_median(times[name]) for name in names)
     return {
-        "samples_per_s": BATCH / other,
-        "default_samples_per_s": BATCH / base,
+        "samples_per_s": setup["batch"] / other,
+        "default_samples_per_s": setup["batch"] / base,
         "vs_default": base / other,
         "median_step_s": other,
     }
@@ -151,14 +170,15 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def _no_dropout_text_config() -> str:
+def _no_dropout_text_config(setup: dict) -> str:
     """A copy of the preset's text tower config with both BERT dropouts at 0 (a folder for ``text_model``)."""
     import tempfile
     from pathlib import Path
 
     from medclip_train.presets import get_preset, resolve_hf_name
 
-    source = Path(resolve_hf_name(get_preset(PRESET)["model_cfg"]["text_cfg"]["hf_model_name"]))
+    name = setup.get("text_model") or get_preset(setup["preset"])["model_cfg"]["text_cfg"]["hf_model_name"]
+    source = Path(resolve_hf_name(name))
     config = json.loads((source / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     folder = Path(tempfile.mkdtemp(prefix="bench_text_dropout0_"))
@@ -168,29 +188,43 @@ def _no_dropout_text_config() -> str:
 
 def main(argv: list[str]) -> None:
     if argv[:1] in (["--child"], ["--paired-child"]):
-        variant, tokenizer, steps, warmup = argv[1], argv[2], int(argv[3]), int(argv[4])
+        variant, setup, steps, warmup = argv[1], json.loads(argv[2]), int(argv[3]), int(argv[4])
         measure = child if argv[0] == "--child" else paired_child
-        print("RESULT " + json.dumps(measure(variant, tokenizer, steps, warmup)))
+        print("RESULT " + json.dumps(measure(variant, setup, steps, warmup)))
         return
     p = argparse.ArgumentParser(prog="python -m bench step", description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    cpu_only = ", ".join(CPU_ONLY)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, help=f"default: all (on CUDA all but {cpu_only})")
     p.add_argument("--paired", action="store_true", help="each variant interleaved with default in one process")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run (the median is reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--quiet-wait", type=float, default=30.0)
     p.add_argument("--name", default="step")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--preset", default=PRESET)
+    p.add_argument("--text-model", help="text tower (default: the preset's; builtin:NAME needs no download)")
+    p.add_argument("--batch-size", type=int, default=BATCH)
+    p.add_argument("--text-length", type=int, default=TEXT_LENGTH, help="tokens per caption (random ids)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the bench data's)")
     a = p.parse_args(argv)
-    data = ensure_bench_data()
+    cuda = a.device == "cuda"
+    if a.variants is None:
+        a.variants = [v for v in VARIANTS if not (cuda and v in CPU_ONLY)]
+    if cuda and set(a.variants) & set(CPU_ONLY):
+        p.error(f"--variants {' '.join(sorted(set(a.variants) & set(CPU_ONLY)))}: on CUDA these are the default step")
+    tokenizer = a.tokenizer or ensure_bench_data()["tokenizer"]
+    setup = {"device": a.device, "preset": a.preset, "text_model": a.text_model, "tokenizer": tokenizer}
+    setup.update(batch=a.batch_size, text_length=a.text_length)
     machine = machine_info()
     wait_for_quiet(a.quiet_wait)
-    rates = matmul_rates()
+    rates = gpu_matmul_rates() if cuda else matmul_rates()
     runs: dict[str, list] = {v: [] for v in a.variants}
     mode = "--paired-child" if a.paired else "--child"
     for _ in range(a.repeats):
         for v in a.variants:
             wait_for_quiet(a.quiet_wait)
-            cmd = [sys.executable, "-m", "bench", "step", mode, v, data["tokenizer"], str(a.steps), str(a.warmup)]
+            cmd = [sys.executable, "-m", "bench", "step", mode, v, json.dumps(setup), str(a.steps), str(a.warmup)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
             if out.returncode != 0 or not lines:

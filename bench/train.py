@@ -62,9 +62,12 @@ class StepTimes(L.Callback):
         self.times: list[float] = []
         self.syncs: list[int] = []
         self._count = 0
+        self._cuda = False
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if pl_module.device.type != "cuda":
+        # Remembered here: by on_fit_end, Lightning's single-device teardown has moved the module to the CPU.
+        self._cuda = pl_module.device.type == "cuda"
+        if not self._cuda:
             return
         import warnings
 
@@ -89,7 +92,7 @@ class StepTimes(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         Path(self.path).write_text(json.dumps(self.times))
-        if pl_module.device.type == "cuda":
+        if self._cuda:
             Path(self.path).with_name("cuda_syncs.json").write_text(json.dumps(self.syncs))
 
 
