@@ -330,7 +330,7 @@ class CLIPModule(L.LightningModule):
         n = batch["image"].shape[0] * self.trainer.world_size
         self.samples_seen += n
         if "skipped" in batch:
-            skipped = batch["skipped"].to(self.skipped_samples.device).sum().reshape(1)
+            skipped = self._on_device(batch["skipped"])
             if self.trainer.world_size > 1:
                 # Summed over ranks, like samples_seen: the summary and the checkpoint are written by rank 0.
                 skipped = self.all_gather(skipped)
@@ -348,6 +348,14 @@ class CLIPModule(L.LightningModule):
         if hasattr(self, "_last_grad_norm"):
             self.log("train/grad_norm", self._last_grad_norm)
 
+    def _on_device(self, count) -> torch.Tensor:
+        """A batch's counter (a Python int from our loader, or a tensor) as a 1-element tensor on the device;
+        ``torch.full`` passes the int as a kernel argument, where ``torch.tensor(n, device=...)`` would copy it
+        from the host and wait for the GPU."""
+        if isinstance(count, torch.Tensor):
+            return count.to(self.skipped_samples.device).sum().reshape(1)
+        return torch.full((1,), int(count), dtype=torch.long, device=self.skipped_samples.device)
+
     # Captions longer than the text context are cut by the tokenizer without a word; the share is reported once,
     # from the first TRUNCATION_SAMPLE captions, so that a too-short context is noticed at the start of a run.
     TRUNCATION_SAMPLE = 256
@@ -355,7 +363,8 @@ class CLIPModule(L.LightningModule):
     def _count_cut_captions(self, batch: dict) -> None:
         if getattr(self, "_cut_reported", False):
             return
-        self._cut = getattr(self, "_cut", 0) + batch["captions_at_context"].sum()  # stays on the device: no sync
+        cut = batch["captions_at_context"]  # a Python int from our loader; a tensor stays on the device: no sync
+        self._cut = getattr(self, "_cut", 0) + (cut.sum() if isinstance(cut, torch.Tensor) else cut)
         self._captions = getattr(self, "_captions", 0) + batch["image"].shape[0]
         if self._captions >= self.TRUNCATION_SAMPLE and self._host_step():
             self._report_cut_captions()

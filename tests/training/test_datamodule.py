@@ -400,3 +400,36 @@ def _children() -> set[int]:
 def test_an_unknown_worker_priority_is_one_line_naming_the_flag(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="data.worker_priority must be 'auto', 'idle' or 'normal', got 'low'"):
         WebDataModule(train="x-{000000..000001}.tar", worker_priority="low")
+
+
+def _val_batches(tokenizer, pattern, workers):
+    dm = make_dm(tokenizer, pattern, val=pattern, num_workers=workers, label_top_k=3)
+    loader = dm.val_dataloader()
+    loader.world = (0, 1)
+    return list(loader), loader.dataset.spec.pad_token_id
+
+
+def test_a_worker_batch_sends_only_its_pixels_through_shared_memory(tmp_path, tokenizer):
+    """Each shared-memory tensor of a batch costs the worker a new block and the main process a socket connection;
+    the token ids and labels (a few KB) come inside the batch's pickle and the counters as ints. The values must be
+    those of the same loader without workers."""
+    pattern = shard_pattern(make_shards(tmp_path, [12, 12]))
+    reference, pad = _val_batches(tokenizer, pattern, workers=0)
+    batches, _ = _val_batches(tokenizer, pattern, workers=2)
+    for batch in batches:
+        assert batch["image"].is_shared()
+        assert type(batch["text"]) is torch.Tensor and not batch["text"].is_shared()
+        assert type(batch["labels"]) is torch.Tensor and not batch["labels"].is_shared()
+        assert all(type(batch[k]) is int for k in ("skipped", "read_retries", "captions_at_context"))
+
+    def by_key(batches):  # the token ids padded back to the context: batches are trimmed to their longest caption
+        return {
+            key: (torch.nn.functional.pad(text, (0, tokenizer.context_length - len(text)), value=pad), labels)
+            for b in batches
+            for key, text, labels in zip(b["key"], b["text"], b["labels"])
+        }
+
+    ours, expected = by_key(batches), by_key(reference)
+    assert ours.keys() == expected.keys() and len(expected) == 24
+    for key, (text, labels) in expected.items():
+        assert torch.equal(ours[key][0], text) and torch.equal(ours[key][1], labels), key
