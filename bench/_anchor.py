@@ -104,6 +104,7 @@ def run_data(argv: list[str]) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--context-length", type=int, default=128)
+    p.add_argument("--exact", action="store_true", help="one pass over the shards (default: --dataset-resampled)")
     a = p.parse_args(argv)
 
     from open_clip.tokenizer import HFTokenizer
@@ -117,7 +118,7 @@ def run_data(argv: list[str]) -> None:
     args = argparse.Namespace(
         train_data=a.shards,
         train_num_samples=(a.batches + a.warmup + 1) * a.batch_size,
-        dataset_resampled=False,
+        dataset_resampled=not a.exact,
         train_data_upsampling_factors=None,
         seed=0,
         batch_size=a.batch_size,
