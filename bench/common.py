@@ -200,11 +200,20 @@ def machine_info() -> dict:
 
 
 def matmul_rates(sizes: tuple[int, ...] = (2048, 4096), seconds: float = 1.5) -> dict:
-    """Peak ``torch.mm`` rate in GFLOP/s for bf16 and fp32: the best of several timed windows per size."""
+    """Peak ``torch.mm`` rate in GFLOP/s for bf16 and fp32: the best of several timed windows per size.
+
+    On a CPU whose bf16 matmul is an emulation (``medclip_train.hardware``) bf16 keeps its quick probe's figure: one
+    4096^3 bf16 product takes over two minutes there."""
     import torch
 
+    from medclip_train.hardware import SLOW_BF16_FRACTION, matmul_gflops
+
+    probe = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
     rates = {}
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        if name == "bf16" and probe["bf16"] < SLOW_BF16_FRACTION * probe["fp32"]:
+            rates[name] = round(probe["bf16"], 1)
+            continue
         best = 0.0
         for n in sizes:
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -216,6 +225,22 @@ def matmul_rates(sizes: tuple[int, ...] = (2048, 4096), seconds: float = 1.5) ->
                 best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
         rates[name] = round(best, 1)
     return rates
+
+
+def refuse_slow_bf16(command: str) -> None:
+    """Stop a CPU benchmark of bf16-autocast steps where the CPU has no fast bf16 matmul: it would time the emulation
+    (about 150x slower than fp32 on an AVX2 EPYC), and its bf16 rate probe alone would take minutes."""
+    import torch
+
+    from medclip_train.hardware import SLOW_BF16_FRACTION, matmul_gflops
+
+    bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    if bf16 < SLOW_BF16_FRACTION * fp32:
+        raise SystemExit(
+            f"{command} times bf16-autocast training steps, but this CPU has no fast bf16 matmul (torch.mm: bf16 "
+            f"{bf16:.1f} GFLOP/s, fp32 {fp32:.0f}; torch's CPU capability {torch.backends.cpu.get_cpu_capability()}):"
+            " run it on a CPU with AVX512-BF16 or AMX, or `python -m bench gpu` on a GPU"
+        )
 
 
 def gpu_matmul_rates(n: int = 8192, repeats: int = 20) -> dict:

@@ -51,6 +51,7 @@ from bench.common import (
     markdown_table,
     matmul_rates,
     mean,
+    refuse_slow_bf16,
     wait_for_quiet,
     write_result,
 )
@@ -213,6 +214,8 @@ def main(argv: list[str]) -> None:
         a.variants = [v for v in VARIANTS if not (cuda and v in CPU_ONLY)]
     if cuda and set(a.variants) & set(CPU_ONLY):
         p.error(f"--variants {' '.join(sorted(set(a.variants) & set(CPU_ONLY)))}: on CUDA these are the default step")
+    if not cuda:
+        refuse_slow_bf16("python -m bench step")
     tokenizer = a.tokenizer or ensure_bench_data()["tokenizer"]
     setup = {"device": a.device, "preset": a.preset, "text_model": a.text_model, "tokenizer": tokenizer}
     setup.update(batch=a.batch_size, text_length=a.text_length)

@@ -37,6 +37,7 @@ from bench.common import (
     markdown_table,
     matmul_rates,
     mean,
+    refuse_slow_bf16,
     run_logged,
     wait_for_quiet,
     write_result,
@@ -238,14 +239,20 @@ def run_ours(
     }
 
 
-def open_clip_flags(data: dict, steps: int, model_name: str, run_dir: Path, batch_size: int = BATCH_SIZE) -> dict:
+# --precision: ours (trainer.precision) and open_clip's (--precision) for the same numerics.
+PRECISIONS = {"bf16": ("bf16-mixed", "amp_bf16"), "fp32": ("32-true", "fp32")}
+
+
+def open_clip_flags(
+    data: dict, steps: int, model_name: str, run_dir: Path, batch_size: int = BATCH_SIZE, precision: str = "bf16"
+) -> dict:
     """open_clip_train flags for the settings of configs/bench_cpu.yaml (optimiser, schedule, clipping, no eval)."""
     return {
         "--train-data": data["shards"],
         "--train-num-samples": steps * batch_size,
         "--dataset-type": "webdataset",
         "--batch-size": batch_size,
-        "--precision": "amp_bf16",
+        "--precision": PRECISIONS[precision][1],
         "--workers": 1,
         "--epochs": 1,
         "--model": model_name,
@@ -277,12 +284,13 @@ def run_theirs(
     batch_size: int = BATCH_SIZE,
     overrides: dict | None = None,
     extra: list[str] = (),
+    precision: str = "bf16",
 ) -> dict:
     """open_clip_train on the bench shards, its logging interval left at its default; ``overrides`` replace flags
     of ``open_clip_flags``, ``extra`` are appended (switches such as ``--dataset-resampled``)."""
     if run_dir.exists():
         shutil.rmtree(run_dir)  # open_clip refuses to reuse an experiment folder
-    flags = {**open_clip_flags(data, steps, model_json.stem, run_dir, batch_size), **(overrides or {})}
+    flags = {**open_clip_flags(data, steps, model_json.stem, run_dir, batch_size, precision), **(overrides or {})}
     times_path = run_dir.parent / f"{run_dir.name}.step_times.json"
     times_path.unlink(missing_ok=True)
     cmd = [anchor_python, str(REPO_ROOT / "bench" / "_anchor.py"), "train", str(model_json)]
@@ -311,6 +319,7 @@ def run_independent(
     model_json: Path,
     log_every: int,
     batch_size: int = BATCH_SIZE,
+    precision: str = "bf16",
 ) -> dict:
     """``python -m open_clip_train.main`` from the command line, as a user runs it (no wrapper; the model is a
     ``local-dir:`` folder), logging every ``log_every`` steps: the median over its logged intervals that start after
@@ -323,7 +332,7 @@ def run_independent(
         made = run_logged(prep, run_dir.parent / "open_clip_local_dir.log", env=bench_env(PYTHONPATH=""))
         if made["rc"] != 0:
             raise RuntimeError(f"could not write {model_dir}; see {run_dir.parent / 'open_clip_local_dir.log'}")
-    flags = {**open_clip_flags(data, steps, f"local-dir:{model_dir}", run_dir, batch_size)}
+    flags = open_clip_flags(data, steps, f"local-dir:{model_dir}", run_dir, batch_size, precision)
     flags["--log-every-n-steps"] = log_every
     cmd = [anchor_python, "-m", "open_clip_train.main", *_flags(flags), *OPEN_CLIP_USUAL]
     log = run_dir.parent / f"{run_dir.name}.log"
@@ -344,10 +353,10 @@ def run_independent(
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
-def summarise(runs: dict, flops: dict, rates: dict) -> tuple[list[list], dict]:
+def summarise(runs: dict, flops: dict, rates: dict, precision: str = "bf16") -> tuple[list[list], dict]:
     """Per side: the mean over runs of each run's median-step samples/s, MFU (useful FLOPs: at the trimmed text
-    length, for every side), HFU (the FLOPs each side executes: open_clip pads every caption to 128 tokens), peak
-    memory, foreign load."""
+    length, for every side), HFU (the FLOPs each side executes: open_clip pads every caption to 128 tokens) against
+    the matmul rate of ``precision``, peak memory, foreign load. An fp32 run has no bf16 columns."""
     rows, sides = [], {}
     labels = (
         ("ours", "medclip-train", flops["trimmed"]),
@@ -362,7 +371,7 @@ def summarise(runs: dict, flops: dict, rates: dict) -> tuple[list[list], dict]:
             "samples_per_s": sps,
             "mfu_bf16": sps * flops["trimmed"] / (rates["bf16"] * 1e9),
             "mfu_fp32": sps * flops["trimmed"] / (rates["fp32"] * 1e9),
-            "hfu_bf16": sps * executed / (rates["bf16"] * 1e9),
+            f"hfu_{precision}": sps * executed / (rates[precision] * 1e9),
             "peak_pss_mb": max(r["peak_pss_mb"] for r in runs[side]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[side]),
         }
@@ -373,9 +382,9 @@ def summarise(runs: dict, flops: dict, rates: dict) -> tuple[list[list], dict]:
                 " / ".join(f"{r['samples_per_s']:.1f}" for r in runs[side]),
                 sps,
                 " / ".join(f"{r['steady_mean_samples_per_s']:.1f}" for r in runs[side]),
-                f"{100 * s['mfu_bf16']:.0f}%",
+                *([f"{100 * s['mfu_bf16']:.0f}%"] if precision == "bf16" else []),
                 f"{100 * s['mfu_fp32']:.0f}%",
-                f"{100 * s['hfu_bf16']:.0f}%",
+                f"{100 * s[f'hfu_{precision}']:.0f}%",
                 round(s["peak_pss_mb"]),
                 round(s["peak_rss_mb"]),
                 " / ".join(f"{r['foreign_cores']:.2f}" for r in runs[side]),
@@ -388,18 +397,19 @@ def summarise(runs: dict, flops: dict, rates: dict) -> tuple[list[list], dict]:
     return rows, sides
 
 
-HEADERS = [
-    "loop",
-    "median-step samples/s per run",
-    "mean samples/s",
-    "steady mean samples/s per run",
-    "MFU (bf16 mm)",
-    "MFU (fp32 mm)",
-    "HFU (bf16 mm)",
-    "peak PSS MB",
-    "peak RSS MB (sum)",
-    "other load (cores)",
-]
+def headers(precision: str = "bf16") -> list[str]:
+    mfu = ["MFU (bf16 mm)", "MFU (fp32 mm)"] if precision == "bf16" else ["MFU (fp32 mm)"]
+    return [
+        "loop",
+        "median-step samples/s per run",
+        "mean samples/s",
+        "steady mean samples/s per run",
+        *mfu,
+        f"HFU ({precision} mm)",
+        "peak PSS MB",
+        "peak RSS MB (sum)",
+        "other load (cores)",
+    ]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -419,6 +429,12 @@ def _parser() -> argparse.ArgumentParser:
         help="--log-every-n-steps of the plain open_clip_train.main runs: its median is over its logged intervals, "
         "so the interval must be well below --steps (its default, 100, needs 300+ steps)",
     )
+    p.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="bf16",
+        help="bf16: bf16-mixed vs open_clip's amp_bf16 (needs a CPU with a fast bf16 matmul); fp32: 32-true vs fp32",
+    )
     p.add_argument("--ours-args", default="", help="extra train.py overrides for our runs (one string)")
     p.add_argument("--quiet-wait", type=float, default=30.0, help="max wait for a quiet machine before each run, s")
     p.add_argument("--gpu", action="store_true", help="GPU benchmark (not implemented yet, see BENCHMARKS.md)")
@@ -437,6 +453,8 @@ def main(argv: list[str]) -> None:
     a = _parser().parse_args(argv)
     if a.gpu:
         raise SystemExit("python -m bench train --gpu: not implemented yet (no GPU in the session that wrote it)")
+    if a.precision == "bf16":
+        refuse_slow_bf16("python -m bench train")
     anchor = None if a.no_anchor else check_anchor_python(a.anchor_python)
     data = ensure_bench_data()
     machine = machine_info()
@@ -447,10 +465,16 @@ def main(argv: list[str]) -> None:
 
     run_root = RESULTS_DIR / "runs" / a.name
     model_json = open_clip_model_json(data["tokenizer"], run_root)
-    sides = [("ours", lambda i: run_ours(data, a.steps, a.warmup, run_root / f"ours-{i}", a.ours_args.split()))]
+    ours_args = ["--trainer.precision", PRECISIONS[a.precision][0], *a.ours_args.split()]
+    sides = [("ours", lambda i: run_ours(data, a.steps, a.warmup, run_root / f"ours-{i}", ours_args))]
     if anchor:
         sides.append(
-            ("theirs", lambda i: run_theirs(data, a.steps, a.warmup, run_root / f"theirs-{i}", anchor, model_json))
+            (
+                "theirs",
+                lambda i: run_theirs(
+                    data, a.steps, a.warmup, run_root / f"theirs-{i}", anchor, model_json, precision=a.precision
+                ),
+            )
         )
         if not a.no_independent:
             sides.append(
@@ -464,6 +488,7 @@ def main(argv: list[str]) -> None:
                         anchor,
                         model_json,
                         a.independent_log_every,
+                        precision=a.precision,
                     ),
                 )
             )
@@ -472,8 +497,8 @@ def main(argv: list[str]) -> None:
     rates_after = matmul_rates()
     rates = {k: max(v, rates_after[k]) for k, v in rates.items()}  # the peak: best of before and after
 
-    rows, summary = summarise(runs, flops, rates)
-    table = markdown_table(HEADERS, rows) + (
+    rows, summary = summarise(runs, flops, rates, a.precision)
+    table = markdown_table(headers(a.precision), rows) + (
         f"\n\nmatmul peak: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; model fwd+bwd "
         f"{flops[128] / 1e9:.2f} GFLOP/sample at 128 tokens, {flops['trimmed'] / 1e9:.2f} at the mean trimmed batch "
         f"length {text_len:.0f} (MFU counts the latter for both sides, HFU what each side executes)"

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from medclip_train.config import LossConfig, ModelConfig, OptimConfig, check_objective
 from medclip_train.data.pixels import normalize_pixels
+from medclip_train.hardware import cpu_bf16_warning
 from medclip_train.losses import build_loss
 from medclip_train.model.dropout import use_cpu_dropout
 from medclip_train.model.factory import build_model, set_fused_attention
@@ -199,6 +200,9 @@ class CLIPModule(L.LightningModule):
         if self.device.type == "cpu":  # explicit attention and cheaper dropout masks are faster there (see both)
             set_fused_attention(self.model, False)
             use_cpu_dropout(self.model)
+            slow = cpu_bf16_warning(self.trainer.precision)
+            if slow:
+                rank_zero_warn(slow)
 
     def _loss(self, out: dict, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The total to back-propagate and the named, detached parts to log."""

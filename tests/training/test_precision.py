@@ -139,3 +139,44 @@ def test_bf16_true_keeps_weights_and_adamw_state_in_bf16_resumes_and_exports(tmp
     for name, value in loaded.model.state_dict().items():
         assert torch.equal(value.to(trained[name].dtype), trained[name]), name
     assert (folder / "open_clip_model.safetensors").exists()
+
+
+def test_slow_bf16_message_names_the_rates_and_the_precision_to_use():
+    from medclip_train.hardware import slow_bf16_message
+
+    # AVX2 EPYC, measured: bf16 1.1 GFLOP/s, fp32 167 -> warned, 152x; AVX512-BF16: 945 vs 224 -> nothing to say.
+    message = slow_bf16_message("bf16-mixed", 1.1, 167.0)
+    assert message.startswith("trainer.precision=bf16-mixed on a CPU without a fast bf16 matmul")
+    assert "1.1 GFLOP/s in bf16 against 167 in fp32" in message and "about 152x slower" in message
+    assert message.endswith("with trainer.precision=32-true")
+    assert slow_bf16_message("bf16-true", 945.0, 224.0) is None
+    assert slow_bf16_message("bf16-mixed", 0.25 * 200.0, 200.0) is None  # the threshold itself is not slow
+    assert slow_bf16_message("32-true", 1.1, 167.0) is None
+
+
+def test_matmul_probe_measures_the_rate_of_a_real_mm():
+    from medclip_train.hardware import matmul_gflops
+
+    # 2 * 256**3 FLOP: a rate above 1 GFLOP/s means each mm took under 34 ms, below 1e5 that it was not skipped.
+    for dtype in (torch.float32, torch.bfloat16):
+        assert 0.1 < matmul_gflops(dtype) < 1e5
+
+
+@pytest.mark.parametrize("precision, warned", [("bf16-mixed", True), ("32-true", False)])
+def test_a_bf16_fit_on_a_cpu_with_slow_bf16_warns_with_the_flag_to_change(
+    tmp_path, shards, tok, monkeypatch, recwarn, precision, warned
+):
+    """The probe is our own code; it is replaced by an AVX2 CPU's measured rates so that the test does not depend on
+    the CPU it runs on (this suite's machines have had both kinds)."""
+    import medclip_train.hardware as hardware
+
+    rates = {torch.bfloat16: 1.1, torch.float32: 167.0}
+    probed = []
+    monkeypatch.setattr(hardware, "matmul_gflops", lambda dtype, **kw: probed.append(dtype) or rates[dtype])
+    options = f"--trainer.precision {precision} --trainer.max_steps 1".split()
+    run_cli(fit_args(tok, shards([8]), tmp_path / "run", *options))
+    ours = [str(w.message) for w in recwarn if "without a fast bf16 matmul" in str(w.message)]
+    assert len(ours) == int(warned)
+    assert bool(probed) == warned, "the probe runs only for a bf16 precision"
+    if warned:
+        assert "trainer.precision=32-true" in ours[0]
