@@ -17,7 +17,7 @@ import torch
 from tests.shardkit import make_shards, shard_pattern
 from tests.training.conftest import (
     KeyRecorder,
-    SlowDown,
+    WaitForFile,
     callback_arg,
     fit_args,
     read_keys,
@@ -120,20 +120,25 @@ def test_an_abbreviated_option_is_refused_with_the_nearest_real_one(tmp_path, sh
 def test_a_second_run_in_the_same_folder_stops_at_once_and_the_first_is_unharmed(tmp_path, shards, tok, capsys):
     pattern = shards([16, 16])
     root = tmp_path / "run"
-    slow = ("--trainer.callbacks+", callback_arg(SlowDown, delay_s=0.3))
+    # The first run holds after its first step until the test lets it go: with a fixed delay per step instead, a
+    # loaded machine (two test workers on two cores) let it finish before the second run reached the lock.
+    release = tmp_path / "release"
+    hold = ("--trainer.callbacks+", callback_arg(WaitForFile, path=str(release), at_step=1))
     first = train_py(
-        fit_args(tok, pattern, root, "--trainer.max_steps", "8", "--data.batch_size", "4", *slow),
+        fit_args(tok, pattern, root, "--trainer.max_steps", "8", "--data.batch_size", "4", *hold),
         log=tmp_path / "first.log",
     )
     try:
         deadline = time.monotonic() + 120
-        while not (root / "metrics.csv").exists() and first.poll() is None and time.monotonic() < deadline:
+        started = (root / "config.yaml", root / ".run.lock")
+        while not all(p.exists() for p in started) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
         config_before = (root / "config.yaml").read_text()
         code, err = cli_error(capsys, fit_args(tok, pattern, root, "--trainer.max_steps", "3"))
         assert code == 2 and "another run is using this run folder" in err and f"PID {first.pid}" in err, err
         assert (root / "config.yaml").read_text() == config_before
+        release.touch()
         assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-2000:]
     finally:
         if first.poll() is None:
