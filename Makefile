@@ -33,9 +33,11 @@ demo: $(VENV)/.installed
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist worksteal)
 
-# The suite without the multi-process and end-to-end tests (marked slow): under 10 minutes on 2 cores.
+# The suite without the multi-process and end-to-end tests (marked slow): under 10 minutes on 2 cores. CI runs it
+# with TEST_MARK="slow or not slow": one collection and one pool of workers for both kinds.
+TEST_MARK ?= not slow
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -m "not slow" $(XDIST)
+	$(PY) -m pytest -q -m "$(TEST_MARK)" $(XDIST) $(PYTEST_ARGS)
 
 # Real processes: DDP ranks, torchrun/SLURM launches, signals, fault injection, README's own-data block. CI runs both.
 test-slow: $(VENV)/.installed-dev
