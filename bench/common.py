@@ -206,12 +206,12 @@ def matmul_rates(sizes: tuple[int, ...] = (2048, 4096), seconds: float = 1.5) ->
     4096^3 bf16 product takes over two minutes there."""
     import torch
 
-    from medclip_train.hardware import SLOW_BF16_FRACTION, matmul_gflops
+    from medclip_train.hardware import bf16_is_emulated, matmul_gflops
 
     probe = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
     rates = {}
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        if name == "bf16" and probe["bf16"] < SLOW_BF16_FRACTION * probe["fp32"]:
+        if name == "bf16" and bf16_is_emulated(probe["bf16"], probe["fp32"]):
             rates[name] = round(probe["bf16"], 1)
             continue
         best = 0.0
@@ -232,10 +232,10 @@ def refuse_slow_bf16(command: str) -> None:
     (about 150x slower than fp32 on an AVX2 EPYC), and its bf16 rate probe alone would take minutes."""
     import torch
 
-    from medclip_train.hardware import SLOW_BF16_FRACTION, matmul_gflops
+    from medclip_train.hardware import bf16_is_emulated, matmul_gflops
 
     bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
-    if bf16 < SLOW_BF16_FRACTION * fp32:
+    if bf16_is_emulated(bf16, fp32):
         raise SystemExit(
             f"{command} times bf16-autocast training steps, but this CPU has no fast bf16 matmul (torch.mm: bf16 "
             f"{bf16:.1f} GFLOP/s, fp32 {fp32:.0f}; torch's CPU capability {torch.backends.cpu.get_cpu_capability()}):"

@@ -37,9 +37,14 @@ def matmul_gflops(dtype: torch.dtype, n: int = 256, repeats: int = 3, seconds: f
     return 2 * n**3 / max(best, 1e-9) / 1e9
 
 
+def bf16_is_emulated(bf16_gflops: float, fp32_gflops: float) -> bool:
+    """Whether these two measured ``torch.mm`` rates are those of a CPU without a bf16 kernel."""
+    return bf16_gflops < SLOW_BF16_FRACTION * fp32_gflops
+
+
 def slow_bf16_message(precision: str, bf16_gflops: float, fp32_gflops: float) -> str | None:
     """The warning for a bf16 ``precision`` on a CPU whose bf16 matmul is an emulation; None when it is not."""
-    if not str(precision).startswith("bf16") or bf16_gflops >= SLOW_BF16_FRACTION * fp32_gflops:
+    if not str(precision).startswith("bf16") or not bf16_is_emulated(bf16_gflops, fp32_gflops):
         return None
     return (
         f"trainer.precision={precision} on a CPU without a fast bf16 matmul: torch.mm runs at {bf16_gflops:.1f} "
